@@ -1,0 +1,1 @@
+"""The embedded demo: a small CNN trained on scikit-learn digits, with its held-out test split."""

@@ -1,0 +1,197 @@
+"""Walking and editing ONNX graphs: the one place that knows producers, consumers and subgraphs.
+
+Passes work on `onnx.ModelProto` in place. Names used inside If/Loop/Scan bodies but defined in an
+enclosing graph (outer-scope references) count as uses by the node that owns the body, so a tensor
+read only from a subgraph is never considered dead, and renaming a tensor renames it inside bodies too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every graph nested in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from iter_graphs(sub)
+
+
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph defines itself: its inputs, initializers and node outputs."""
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def outer_references(graph: onnx.GraphProto) -> set[str]:
+    """Names read inside `graph` (or deeper) that `graph` does not define: they come from outside."""
+    local = defined_names(graph)
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(i for i in node.input if i)
+        for sub in subgraphs(node):
+            used |= outer_references(sub)
+    used.update(o.name for o in graph.output)
+    return used - local
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor name a node reads: its inputs plus outer-scope names its subgraphs use."""
+    names = [i for i in node.input if i]
+    for sub in subgraphs(node):
+        names.extend(sorted(outer_references(sub)))
+    return names
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node of this graph that outputs it."""
+    return {o: node for node in graph.node for o in node.output if o}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> nodes of this graph that read it (directly or from their subgraphs)."""
+    uses: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in dict.fromkeys(node_reads(node)):
+            uses[name].append(node)
+    return uses
+
+
+def output_names(graph: onnx.GraphProto) -> set[str]:
+    return {o.name for o in graph.output}
+
+
+def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of an initializer of this graph that is not overridable by a graph input, else None."""
+    if name in {i.name for i in graph.input}:
+        return None
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    return None
+
+
+def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every reader of `old` (in this graph and nested bodies) read `new` instead.
+
+    Graph outputs are not touched: callers that remove the producer of a graph output must keep the
+    output's name (see `replace_tensor`). A body that defines `old` itself shadows it and is left alone.
+    """
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name == old:
+                node.input[k] = new
+        for sub in subgraphs(node):
+            if old not in defined_names(sub):
+                rename_uses(sub, old, new)
+                for out in sub.output:
+                    if out.name == old:
+                        out.name = new
+
+
+def replace_tensor(graph: onnx.GraphProto, old: str, new: str) -> bool:
+    """Route readers of `old` to `new` so the node producing `old` can go.
+
+    When `old` is a graph output its name must survive, so instead the producer of `new` is renamed to
+    output `old` and readers of `new` follow; that is only possible when `new` is produced by a node of
+    this graph and is not itself a graph input, initializer or graph output. Returns False (and changes
+    nothing) when neither way is possible.
+    """
+    outs = output_names(graph)
+    if old not in outs:
+        rename_uses(graph, old, new)
+        return True
+    prod = producers(graph).get(new)
+    if prod is None or new in outs:
+        return False
+    for k, name in enumerate(prod.output):
+        if name == new:
+            prod.output[k] = old
+    rename_uses(graph, new, old)
+    return True
+
+
+def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> int:
+    """Remove the given nodes (by identity) from the graph; returns how many went."""
+    ids = {id(n) for n in doomed}
+    positions = [k for k, n in enumerate(graph.node) if id(n) in ids]
+    for k in reversed(positions):
+        del graph.node[k]
+    return len(positions)
+
+
+class NameGenerator:
+    """Fresh tensor/node names that collide with nothing in the model (subgraphs included)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._taken: set[str] = set()
+        for g in iter_graphs(model.graph):
+            self._taken |= defined_names(g)
+            self._taken.update(n.name for n in g.node if n.name)
+            self._taken.update(o.name for o in g.output)
+
+    def __call__(self, base: str) -> str:
+        candidate, k = base, 0
+        while candidate in self._taken:
+            k += 1
+            candidate = f"{base}_{k}"
+        self._taken.add(candidate)
+        return candidate
+
+
+def topological_order_ok(graph: onnx.GraphProto, outer: set[str] | None = None) -> bool:
+    """True when every node's inputs are defined before it (outer names count as defined)."""
+    known = set(outer or ()) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in node_reads(node):
+            if name not in known:
+                return False
+        known.update(o for o in node.output if o)
+    return True
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by initializers and Constant-node tensors across all graphs."""
+    total = 0
+    for g in iter_graphs(model.graph):
+        total += sum(_tensor_bytes(t) for t in g.initializer)
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        total += _tensor_bytes(attr.t)
+    return total
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
+
+
+def node_count(model: onnx.ModelProto) -> int:
+    """Nodes in the main graph and all subgraphs."""
+    return sum(len(g.node) for g in iter_graphs(model.graph))

@@ -1,0 +1,117 @@
+"""The pass contract: `Pass`, `PassResult`, `PassContext` and the registry of pass names.
+
+A pass is a dataclass whose fields are its options (typed, with defaults).  It mutates the ModelProto
+it is given in place and returns a `PassResult`; the pipeline copies the model beforehand so that a
+failed or rolled-back pass leaves no trace.  Passes never open files, parse arguments or print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import onnx
+
+from graphopt.errors import PassError, UserError
+
+if TYPE_CHECKING:
+    from graphopt.activations import ActivationCache
+    from graphopt.data import Feed
+
+
+@dataclass
+class PassResult:
+    """What a pass did. `counts` feed the report (nodes_removed, bytes_saved, ...); `refused` lists
+    rewrites that matched a pattern but were not made, each with the reason."""
+
+    changed: bool
+    counts: dict[str, int | float] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """Built once per pipeline run and handed to every pass.
+
+    calibration: feeds a pass may learn from (statistics, shapes).
+    validation: feeds the pipeline checks fidelity on; passes must not tune on them.
+    activations: cache of activation statistics and observed shapes, shared between passes.
+    threads: intra-op threads of the target onnxruntime settings (0 = onnxruntime's default).
+    """
+
+    calibration: list[Feed]
+    validation: list[Feed]
+    activations: ActivationCache
+    threads: int = 0
+
+
+class Pass:
+    """Base class. Subclasses are dataclasses and set the three class attributes below."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    lossless: ClassVar[bool]
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: adds the pass to the registry under `cls.name`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"two passes are named {cls.name!r}: {_REGISTRY[cls.name].__qualname__} and {cls.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    """All registered passes, by name. Importing the `graphopt.passes` package registers them."""
+    importlib.import_module("graphopt.passes")
+    return dict(_REGISTRY)
+
+
+def presets() -> dict[str, list[str]]:
+    """Named pass lists (`lossless`, ...), defined next to the passes."""
+    return dict(importlib.import_module("graphopt.passes").PRESETS)
+
+
+def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
+    """Instantiate a registered pass, converting option strings to the field types."""
+    passes = registry()
+    if name not in passes:
+        raise UserError(f"unknown pass {name!r}; `graphopt passes` lists the available ones: {', '.join(sorted(passes))}")
+    cls = passes[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    kwargs: dict[str, Any] = {}
+    for key, text in (options or {}).items():
+        if key not in fields:
+            raise UserError(f"pass {name!r} has no option {key!r}; its options are: {', '.join(fields) or 'none'}")
+        kwargs[key] = _convert(text, fields[key], name)
+    return cls(**kwargs)
+
+
+def _convert(text: str, f: dataclasses.Field, pass_name: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if kind == "int":
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise UserError(f"option {pass_name}.{f.name} expects {kind}, got {text!r}") from None
+    return text
+
+
+__all__ = ["Pass", "PassContext", "PassError", "PassResult", "make_pass", "presets", "register", "registry"]

@@ -1,0 +1,91 @@
+"""The one way graphopt runs onnxruntime: sessions from a ModelProto, runs over lists of feeds.
+
+Models past protobuf's 2 GB limit are handed to onnxruntime through a temporary file with external data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from graphopt.errors import UserError
+
+LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+_PROTOBUF_LIMIT = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How sessions are made. `threads` 0 means onnxruntime's default; `spinning` False turns off
+    intra-op thread spinning (needed when sessions take turns, see bench.py)."""
+
+    level: str = "disable_all"
+    threads: int = 0
+    spinning: bool = True
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    optimized_model_path: str | None = None
+
+
+def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> ort.InferenceSession:
+    """An InferenceSession for a ModelProto, serialized bytes or a path. Load failures become a
+    UserError naming `what` and onnxruntime's reason."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = LEVELS[settings.level]
+    opts.log_severity_level = 3
+    if settings.threads:
+        opts.intra_op_num_threads = settings.threads
+        opts.inter_op_num_threads = 1
+    if not settings.spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if settings.optimized_model_path:
+        opts.optimized_model_filepath = settings.optimized_model_path
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() > _PROTOBUF_LIMIT:
+                return _session_via_file(model, opts, settings)
+            model = model.SerializeToString()
+        return ort.InferenceSession(model, sess_options=opts, providers=list(settings.providers))
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise UserError(f"onnxruntime cannot load {what}: {_first_line(exc)}") from exc
+
+
+def _session_via_file(model: onnx.ModelProto, opts: ort.SessionOptions, settings: RuntimeSettings) -> ort.InferenceSession:
+    with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
+        return ort.InferenceSession(path, sess_options=opts, providers=list(settings.providers))
+
+
+def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    """One run; returns outputs by name (all graph outputs unless `outputs` names some)."""
+    names = outputs or [o.name for o in sess.get_outputs()]
+    known = {i.name for i in sess.get_inputs()}
+    values = sess.run(names, {k: v for k, v in feed.items() if k in known})
+    return dict(zip(names, values))
+
+
+def run_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> list[dict[str, np.ndarray]]:
+    """Outputs of `model` for every feed, one session."""
+    sess = session(model, settings, what)
+    try:
+        return [run(sess, f) for f in feeds]
+    except Exception as exc:
+        raise UserError(f"onnxruntime failed to run {what}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

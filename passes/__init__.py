@@ -1,0 +1,22 @@
+"""graphopt's passes, one module per pass (installed as `graphopt.passes`).
+
+Importing this package imports every module in it, which registers each pass class once.
+`PRESETS` names the pass lists the command line offers.
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+PRESETS: dict[str, list[str]] = {
+    "lossless": [
+        "lift-constants",
+        "eliminate-identities",
+        "fold-constants",
+        "fold-batchnorm",
+        "fold-shared-weights",
+        "remove-dead-code",
+    ],
+}
