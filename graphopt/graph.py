@@ -32,6 +32,18 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             yield from iter_graphs(sub)
 
 
+def iter_graphs_with_path(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[str, onnx.GraphProto]]:
+    """Like `iter_graphs`, with a readable place for each graph (`main`, `main/If_3.then_branch`) for messages."""
+    yield path, graph
+    for k, node in enumerate(graph.node):
+        owner = node.name or f"{node.op_type}#{k}"
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for j, sub in enumerate(bodies):
+                suffix = f"[{j}]" if attr.type == onnx.AttributeProto.GRAPHS else ""
+                yield from iter_graphs_with_path(sub, f"{path}/{owner}.{attr.name}{suffix}")
+
+
 def defined_names(graph: onnx.GraphProto) -> set[str]:
     """Names a graph defines itself: its inputs, initializers and node outputs."""
     names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -176,16 +188,17 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by initializers and Constant-node tensors across all graphs."""
     total = 0
     for g in iter_graphs(model.graph):
-        total += sum(_tensor_bytes(t) for t in g.initializer)
+        total += sum(tensor_bytes(t) for t in g.initializer)
         for node in g.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for attr in node.attribute:
                     if attr.type == onnx.AttributeProto.TENSOR:
-                        total += _tensor_bytes(attr.t)
+                        total += tensor_bytes(attr.t)
     return total
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes one tensor's values take (string tensors: the sum of their lengths)."""
     n = int(np.prod(t.dims)) if len(t.dims) else 1
     if t.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in t.string_data)
@@ -195,3 +208,32 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 def node_count(model: onnx.ModelProto) -> int:
     """Nodes in the main graph and all subgraphs."""
     return sum(len(g.node) for g in iter_graphs(model.graph))
+
+
+def constant_names(graph: onnx.GraphProto) -> set[str]:
+    """Names of this graph's initializers that no graph input can override (those `constant_value` returns)."""
+    return {t.name for t in graph.initializer} - {i.name for i in graph.input}
+
+
+_PROTOBUF_LIMIT = 2_000_000_000
+
+
+def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor name -> its shape per onnx shape inference (with data propagation), across all graphs.
+
+    A dim is an int when static and None when symbolic or unknown; tensors of unknown rank are absent.
+    Declared shapes are trusted as onnx trusts them (real exports can be wrong: confirm with
+    ActivationCache.observed_shapes where it matters). Models past protobuf's 2 GB limit cannot go
+    through in-memory inference: for them this returns only what the model already declares.
+    """
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    shapes: dict[str, list[int | None]] = {}
+    for g in iter_graphs(model.graph):
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            tt = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        for t in g.initializer:
+            shapes.setdefault(t.name, list(t.dims))
+    return shapes

@@ -1,0 +1,117 @@
+"""The Python API; the command line is a thin layer over it.
+
+    import graphopt
+    result = graphopt.optimize("model.onnx", data="feeds.npz")
+    graphopt.save(result.model, "model.opt.onnx")
+    print(result.report.summary())
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from graphopt import data as data_mod
+from graphopt import model as model_io
+from graphopt import runtime
+from graphopt.activations import ActivationCache
+from graphopt.errors import UserError
+from graphopt.passes_base import Pass, PassContext, make_pass, presets
+from graphopt.pipeline import Budget, Pipeline
+from graphopt.report import Report
+from graphopt.runtime import RuntimeSettings
+
+Metric = Callable[[list[dict[str, np.ndarray]], list[np.ndarray]], float]
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+def parse_pass_spec(spec: str) -> Pass:
+    """`"fold-constants:max_growth_bytes=2048"` -> that pass with that option."""
+    name, *options = spec.strip().split(":")
+    pairs = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"pass option {item!r} in {spec!r}: expected KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return make_pass(name.strip(), pairs)
+
+
+def resolve_passes(passes: list[str | Pass] | str | None, preset: str | None) -> list[Pass]:
+    """Pass instances from names/specs/instances, or the preset's list when `passes` is None."""
+    if passes is None:
+        known = presets()
+        name = preset or "lossless"
+        if name not in known:
+            raise UserError(f"unknown preset {name!r}; presets: {', '.join(sorted(known))}")
+        passes = list(known[name])
+    if isinstance(passes, str):
+        passes = [p for p in passes.split(",") if p.strip()]
+    return [p if isinstance(p, Pass) else parse_pass_spec(p) for p in passes]
+
+
+def accuracy(outputs: list[dict[str, np.ndarray]], labels: list[np.ndarray]) -> float:
+    """Share of samples whose argmax over the last axis of the first output equals the label."""
+    hits = total = 0
+    for out, label in zip(outputs, labels):
+        scores = np.asarray(next(iter(out.values())))
+        predicted = np.argmax(scores, axis=-1).reshape(-1)
+        truth = np.asarray(label).reshape(-1)
+        hits += int(np.sum(predicted == truth))
+        total += truth.size
+    return hits / total if total else float("nan")
+
+
+def optimize(
+    model: onnx.ModelProto | str | os.PathLike,
+    passes: list[str | Pass] | str | None = None,
+    *,
+    preset: str | None = None,
+    data: data_mod.FeedSet | str | os.PathLike | list | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    batch: int = 1,
+    max_feeds: int = 16,
+    seed: int = 0,
+    threads: int = 0,
+    metric: Metric | None = None,
+    budget: Budget | None = None,
+    fixed_point: bool = True,
+    strict: bool = False,
+) -> OptimizeResult:
+    """Run passes (default: the `lossless` preset) on a model, validating each with onnxruntime.
+
+    `data` gives the feeds (see graphopt.data); without it feeds are synthesized. At most `max_feeds`
+    feeds are used. When any pass is lossy the feeds are split: the first half calibrates, the second
+    half (never seen by a pass) validates. `metric(outputs, labels)` is reported before and after when
+    the feeds carry labels.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = model_io.load(model)
+    pass_list = resolve_passes(passes, preset)
+    feeds = data_mod.feed_set(data, model, count=4, seed=seed, shapes=shapes, batch=batch)
+    used = data_mod.FeedSet(feeds.feeds[:max_feeds], feeds.labels[:max_feeds] if feeds.labels else None, feeds.source)
+    if not used.feeds:
+        raise UserError("no feeds to validate on; give --data with at least one sample")
+    if any(not p.lossless for p in pass_list) and len(used.feeds) >= 2:
+        calibration, validation = used.split(len(used.feeds) // 2)
+    else:
+        calibration = validation = used
+    settings = RuntimeSettings(level="disable_all")
+    ctx = PassContext(calibration=calibration.feeds, validation=validation.feeds, activations=ActivationCache(calibration.feeds, settings), threads=threads)
+    pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget or Budget(), strict=strict)
+    label = f"{len(validation.feeds)} validation feeds from {used.source}"
+    optimized, report = pipeline.run(model, ctx, label)
+    if metric is not None and validation.labels is not None:
+        before = metric(runtime.run_all(model, validation.feeds, settings), validation.labels)
+        after = metric(runtime.run_all(optimized, validation.feeds, settings), validation.labels)
+        report.metrics[getattr(metric, "__name__", "metric")] = {"before": before, "after": after}
+    return OptimizeResult(optimized, report)

@@ -1,0 +1,145 @@
+"""Runs passes in order and proves each one with onnxruntime before keeping it.
+
+For every pass: copy the model, run the pass on the copy, and if it changed anything check the copy
+(onnx.checker at the strictest level the input model passed), run it in onnxruntime on the validation
+feeds and compare with the outputs of the pass's input. A lossless pass must match within float
+rounding; a lossy pass must keep fidelity to the original within the budget. Anything else - a
+PassError, a checker failure, a model onnxruntime cannot load, outputs out of tolerance - rolls the pass
+back, and the report says why. With `fixed_point`, the list is repeated until a round changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import onnx
+
+from graphopt import model as model_io
+from graphopt import runtime, validate
+from graphopt.errors import PassError, UserError
+from graphopt.passes_base import Pass, PassContext
+from graphopt.report import ModelStats, PassRecord, Report
+from graphopt.runtime import RuntimeSettings
+
+VALIDATION = RuntimeSettings(level="disable_all")
+
+
+@dataclass
+class Budget:
+    """What a lossy pass may cost, measured against the original model on the validation feeds."""
+
+    min_cosine: float = 0.99
+    min_top1: float = 0.99
+
+    def violation(self, diffs: dict[str, validate.OutputDiff]) -> str | None:
+        for name, d in diffs.items():
+            if d.shape_mismatch:
+                return f"output {name!r}: {d.shape_mismatch}"
+            if d.cosine is not None and d.cosine < self.min_cosine:
+                return f"output {name!r}: cosine {d.cosine:.4f} < {self.min_cosine}"
+            if d.top1 is not None and d.top1 < self.min_top1:
+                return f"output {name!r}: top-1 agreement {d.top1:.4f} < {self.min_top1}"
+        return None
+
+
+@dataclass
+class Pipeline:
+    passes: list[Pass]
+    fixed_point: bool = True
+    max_rounds: int = 4
+    rtol: float = validate.LOSSLESS_RTOL
+    atol: float = validate.LOSSLESS_ATOL
+    budget: Budget = field(default_factory=Budget)
+    strict: bool = False  # re-raise unexpected exceptions from passes instead of rolling back (tests)
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext, feeds_label: str = "") -> tuple[onnx.ModelProto, Report]:
+        """The optimized model (a new ModelProto; `model` is not modified) and the report."""
+        started = time.perf_counter()
+        report = Report(input=ModelStats.of(model), feeds=feeds_label or f"{len(ctx.validation)} feeds")
+        report.checker_level = model_io.checker_level(model)
+        if report.checker_level != "full":
+            report.notes.append(f"the input model does not pass onnx.checker's full check ({model_io.check(model, 'full')}); outputs are held to the '{report.checker_level}' level")
+        original = runtime.run_all(model, ctx.validation, VALIDATION, what="the input model")
+        current, current_outputs = model, original
+        ran: list[str] = []
+        for round_no in range(1, (self.max_rounds if self.fixed_point else 1) + 1):
+            changed_this_round = False
+            for p in self.passes:
+                record, candidate, outputs = self._run_pass(p, current, current_outputs, original, ctx, round_no, report.checker_level, ran)
+                report.records.append(record)
+                ran.append(p.name)
+                if record.status == "applied":
+                    current, current_outputs = candidate, outputs
+                    changed_this_round = True
+            if not changed_this_round:
+                break
+        self._final_checks(current, report.checker_level)
+        report.output = ModelStats.of(current)
+        report.final = {k: v.as_dict() for k, v in validate.compare(original, current_outputs).items()}
+        report.seconds = time.perf_counter() - started
+        if current is model:
+            current = _copy(model)
+        return current, report
+
+    def _run_pass(self, p, current, current_outputs, original, ctx, round_no, level, ran):
+        record = PassRecord(p.name, round_no, "no change", before=ModelStats.of(current), options=p.options())
+        candidate = _copy(current)
+        t0 = time.perf_counter()
+        try:
+            result = p.run(candidate, ctx)
+        except PassError as exc:
+            return self._failed(record, t0, f"{exc} (passes before: {', '.join(ran) or 'none'})"), None, None
+        except Exception as exc:
+            if self.strict:
+                raise
+            return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None, None
+        record.seconds = time.perf_counter() - t0
+        record.counts, record.refused = dict(result.counts), list(result.refused)
+        record.after = record.before
+        if not result.changed:
+            return record, None, None
+        t1 = time.perf_counter()
+        record.after = ModelStats.of(candidate)
+        problem = model_io.check(candidate, level)
+        outputs = None
+        if problem is None:
+            try:
+                outputs = runtime.run_all(candidate, ctx.validation, VALIDATION, what=f"the model after {p.name}")
+            except UserError as exc:
+                problem = str(exc)
+        if problem is None:
+            diffs = validate.compare(current_outputs, outputs)
+            record.max_abs, record.max_rel = validate.worst(diffs)
+            if p.lossless:
+                problem = validate.lossless_violation(diffs, current_outputs, self.rtol, self.atol)
+            else:
+                problem = self.budget.violation(validate.compare(original, outputs))
+        record.validate_seconds = time.perf_counter() - t1
+        if problem is not None:
+            record.status, record.reason = "rolled back", problem
+            record.after = record.before
+            return record, None, None
+        record.status = "applied"
+        return record, candidate, outputs
+
+    @staticmethod
+    def _failed(record: PassRecord, t0: float, reason: str) -> PassRecord:
+        record.status, record.reason = "failed", reason
+        record.seconds = time.perf_counter() - t0
+        record.after = record.before
+        return record
+
+    @staticmethod
+    def _final_checks(model: onnx.ModelProto, level: str) -> None:
+        """The result must pass the checker and load in onnxruntime with all its optimizations on."""
+        problem = model_io.check(model, level)
+        if problem:
+            raise RuntimeError(f"the optimized model fails {problem}; this is a graphopt bug, please report it")
+        runtime.session(model, RuntimeSettings(level="all"), what="the optimized model")
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy

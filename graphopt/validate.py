@@ -1,0 +1,140 @@
+"""Fidelity: how far one model's outputs are from another's, and the lossless tolerance.
+
+Definitions (per output, over all validation feeds):
+- max_abs: the largest |candidate - reference| over all elements.
+- max_rel: max_abs divided by the largest |reference| (error relative to the output's scale; an
+  element-wise ratio explodes on near-zero elements and says nothing).
+- cosine: the lowest per-feed cosine similarity of the flattened outputs.
+- top1: share of positions whose argmax over the last axis agrees, for outputs that look like class
+  scores (float, rank >= 2, last axis of 2..100000 entries); None otherwise.
+
+A lossless rewrite must match within float rounding: integer and bool outputs exactly, NaNs in the same
+places, shapes equal, and max_abs <= rtol * max(1, max|reference|) + atol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+LOSSLESS_RTOL = 1e-5
+LOSSLESS_ATOL = 1e-6
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float | None
+    top1: float | None
+    shape_mismatch: str | None = None
+    nan_mismatch: bool = False
+    exact_kind: bool = False  # integer/bool/string output: must be equal
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, OutputDiff]:
+    """Per-output differences between two lists of run results on the same feeds."""
+    if not reference:
+        return {}
+    diffs: dict[str, OutputDiff] = {}
+    for name in reference[0]:
+        diffs[name] = _compare_output(name, [r[name] for r in reference], [c.get(name) for c in candidate])
+    return diffs
+
+
+def _compare_output(name: str, refs: list, cands: list) -> OutputDiff:
+    max_abs = 0.0
+    scale = 0.0
+    cosines: list[float] = []
+    agree = total = 0
+    exact_kind = False
+    nan_mismatch = False
+    for ref, cand in zip(refs, cands):
+        if cand is None:
+            return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch="output missing")
+        ref, cand = np.asarray(ref), np.asarray(cand)
+        if ref.shape != cand.shape:
+            return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch=f"shape {list(ref.shape)} became {list(cand.shape)}")
+        if ref.dtype.kind not in "fc":
+            exact_kind = True
+            if not np.array_equal(ref, cand):
+                max_abs = max(max_abs, _exact_difference(ref, cand))
+            continue
+        ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
+        ref_nan, cand_nan = np.isnan(ref64), np.isnan(cand64)
+        if not np.array_equal(ref_nan, cand_nan):
+            nan_mismatch = True
+        finite = ~(ref_nan | cand_nan)
+        if ref64.size:
+            delta = np.abs(np.where(finite, ref64 - cand64, 0.0))
+            delta = np.where(np.isinf(ref64) & (ref64 == cand64), 0.0, delta)
+            max_abs = max(max_abs, float(np.nan_to_num(delta, nan=np.inf).max()))
+            scale = max(scale, float(np.abs(np.where(finite & np.isfinite(ref64), ref64, 0.0)).max()))
+            cosines.append(_cosine(np.where(finite, ref64, 0.0).ravel(), np.where(finite, cand64, 0.0).ravel()))
+            if _looks_like_scores(ref):
+                agree += int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
+                total += int(np.prod(ref.shape[:-1]))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return OutputDiff(
+        name,
+        max_abs,
+        max_rel,
+        min(cosines) if cosines else None,
+        agree / total if total else None,
+        nan_mismatch=nan_mismatch,
+        exact_kind=exact_kind,
+    )
+
+
+def _exact_difference(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Largest difference of two unequal non-float arrays (inf for strings and objects)."""
+    if ref.dtype.kind in "OUS" or cand.dtype.kind in "OUS":
+        return float("inf")
+    return float(np.max(np.abs(ref.astype(np.float64) - cand.astype(np.float64))))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _looks_like_scores(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" and array.ndim >= 2 and 2 <= array.shape[-1] <= 100_000
+
+
+def output_scale(reference: list[dict[str, np.ndarray]], name: str) -> float:
+    values = [np.abs(r[name][np.isfinite(r[name])]).max() for r in reference if np.asarray(r[name]).dtype.kind == "f" and r[name].size and np.isfinite(r[name]).any()]
+    return float(max(values)) if values else 0.0
+
+
+def lossless_violation(diffs: dict[str, OutputDiff], reference: list[dict[str, np.ndarray]], rtol: float = LOSSLESS_RTOL, atol: float = LOSSLESS_ATOL) -> str | None:
+    """None when every output matches within float rounding, else a sentence naming the output and numbers."""
+    for name, d in diffs.items():
+        if d.shape_mismatch:
+            return f"output {name!r}: {d.shape_mismatch}"
+        if d.nan_mismatch:
+            return f"output {name!r}: NaNs appear in different places"
+        if d.exact_kind:
+            if d.max_abs != 0:
+                return f"output {name!r} (integer/bool) changed: max abs difference {d.max_abs:g}"
+            continue
+        limit = rtol * max(1.0, output_scale(reference, name)) + atol
+        if not d.max_abs <= limit:
+            return f"output {name!r}: max abs error {d.max_abs:.3g} > tolerance {limit:.3g} (max rel {d.max_rel:.3g})"
+    return None
+
+
+def worst(diffs: dict[str, OutputDiff]) -> tuple[float, float]:
+    """(max abs, max rel) over all outputs."""
+    if not diffs:
+        return 0.0, 0.0
+    return max(d.max_abs for d in diffs.values()), max(d.max_rel for d in diffs.values())

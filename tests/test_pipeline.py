@@ -1,0 +1,173 @@
+"""The pipeline keeps a pass only when onnxruntime proves it, and says why it rolled one back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.errors import PassError
+from graphopt.passes_base import Pass, PassResult
+
+from tests.helpers import make_model, ort_outputs, seeded_feeds
+
+
+def relu_neg_model() -> onnx.ModelProto:
+    """x -> Relu -> Neg -> y"""
+    return make_model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+
+
+@dataclass
+class SwapOp(Pass):
+    """Test pass: turns node `index` into `op` (lossless or not, as the test says)."""
+
+    name = "swap-op"
+    description = "test"
+    lossless = True
+    index: int = 1
+    op: str = "Abs"
+
+    def run(self, model, ctx):
+        model.graph.node[self.index].op_type = self.op
+        return PassResult(True, {"swapped": 1})
+
+
+@dataclass
+class Raises(Pass):
+    name = "raises"
+    description = "test"
+    lossless = True
+    error: type = PassError
+
+    def run(self, model, ctx):
+        raise self.error("weights are not constant; run lift-constants first")
+
+
+@dataclass
+class NoOp(Pass):
+    name = "no-op"
+    description = "test"
+    lossless = True
+
+    def run(self, model, ctx):
+        return PassResult(False)
+
+
+@dataclass
+class OncePerModel(Pass):
+    """Adds a harmless Identity the first time it sees a model without one, to check fixed-point rounds."""
+
+    name = "add-identity-once"
+    description = "test"
+    lossless = True
+
+    def run(self, model, ctx):
+        if any(n.op_type == "Identity" for n in model.graph.node):
+            return PassResult(False)
+        model.graph.node[1].input[0] = "a_id"
+        model.graph.node.insert(1, helper.make_node("Identity", ["a"], ["a_id"]))
+        return PassResult(True)
+
+
+def test_pass_that_changes_outputs_is_rolled_back_with_numbers():
+    model = relu_neg_model()
+    result = graphopt.optimize(model, passes=[SwapOp()], strict=True)
+    (record,) = result.report.records
+    assert record.status == "rolled back"
+    assert "output 'y'" in record.reason and "max abs error" in record.reason
+    assert record.max_abs > 0.1
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
+
+
+def test_lossy_pass_is_held_to_the_budget_against_the_original():
+    model = relu_neg_model()
+    swap = SwapOp(op="Abs")
+    swap.lossless = False
+    result = graphopt.optimize(model, passes=[swap], strict=True)
+    record = result.report.records[0]
+    assert record.status == "rolled back"
+    assert "cosine" in record.reason
+
+
+def test_pass_error_is_recorded_with_the_passes_before_it():
+    result = graphopt.optimize(relu_neg_model(), passes=[NoOp(), Raises()], fixed_point=False)
+    assert [r.status for r in result.report.records] == ["no change", "failed"]
+    assert "run lift-constants first" in result.report.records[1].reason
+    assert "passes before: no-op" in result.report.records[1].reason
+
+
+def test_unexpected_exception_rolls_back_unless_strict():
+    result = graphopt.optimize(relu_neg_model(), passes=[Raises(error=KeyError)], fixed_point=False)
+    assert result.report.records[0].status == "failed"
+    assert "internal error KeyError" in result.report.records[0].reason
+    with pytest.raises(KeyError):
+        graphopt.optimize(relu_neg_model(), passes=[Raises(error=KeyError)], strict=True)
+
+
+def test_invalid_graph_is_rolled_back_with_the_checker_reason():
+    result = graphopt.optimize(relu_neg_model(), passes=[SwapOp(op="NoSuchOp")], strict=True)
+    record = result.report.records[0]
+    assert record.status == "rolled back"
+    assert "onnx.checker" in record.reason and "NoSuchOp" in record.reason
+
+
+def test_accepted_pass_is_kept_and_fixed_point_stops_when_nothing_changes():
+    model = relu_neg_model()
+    result = graphopt.optimize(model, passes=[OncePerModel()], strict=True)
+    statuses = [(r.round, r.status) for r in result.report.records]
+    assert statuses == [(1, "applied"), (2, "no change")]
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Identity", "Neg"]
+    assert [n.op_type for n in model.graph.node] == ["Relu", "Neg"], "the input model must not be modified"
+    feeds = seeded_feeds(model, n=3, seed=1)
+    for a, b in zip(ort_outputs(model, feeds), ort_outputs(result.model, feeds)):
+        np.testing.assert_array_equal(a["y"], b["y"])
+
+
+def test_report_counts_and_final_comparison():
+    result = graphopt.optimize(relu_neg_model(), passes=[OncePerModel()], strict=True)
+    report = result.report.to_dict()
+    assert report["input"]["nodes"] == 2 and report["output"]["nodes"] == 3
+    assert report["final"]["y"]["max_abs"] == 0.0
+    assert report["records"][0]["after"]["nodes"] == 3
+    assert "add-identity-once" in result.report.summary()
+
+
+def test_unloadable_input_model_is_a_user_error():
+    model = relu_neg_model()
+    model.graph.node[0].op_type = "Relu"
+    model.graph.node[0].domain = "no.such.domain"
+    model.opset_import.append(helper.make_opsetid("no.such.domain", 1))
+    with pytest.raises(graphopt.UserError, match="onnxruntime cannot load the input model"):
+        graphopt.optimize(model, passes=[NoOp()])
+
+
+def test_pass_options_from_specs():
+    from graphopt.api import parse_pass_spec
+
+    with pytest.raises(graphopt.UserError, match="unknown pass 'nope'"):
+        parse_pass_spec("nope")
+
+
+def test_metric_is_reported_before_and_after():
+    """x -> MatMul(W) -> y, labels = argmax of the original: accuracy 1.0 before and after."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [w],
+    )
+    feeds = seeded_feeds(model, n=6, seed=2)
+    labels = [np.argmax(o["y"], axis=-1) for o in ort_outputs(model, feeds)]
+    data = graphopt.data.FeedSet(feeds, labels, "test")
+    result = graphopt.optimize(model, passes=[NoOp()], data=data, metric=graphopt.accuracy)
+    assert result.report.metrics["accuracy"] == {"before": 1.0, "after": 1.0}
