@@ -1,0 +1,160 @@
+"""The command line: exit codes, nothing written on failure, and each subcommand end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import cli
+from graphopt import model as model_io
+
+from tests.helpers import make_model
+
+
+def conv_bn_model() -> onnx.ModelProto:
+    """x -> Conv -> BatchNormalization -> Identity -> y, weights in Constant nodes"""
+    rng = np.random.default_rng(0)
+    consts = {
+        "w": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+        "scale": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        "bias": rng.standard_normal(16).astype(np.float32),
+        "mean": rng.standard_normal(16).astype(np.float32),
+        "var": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+    }
+    nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in consts.items()]
+    nodes += [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"]),
+        helper.make_node("Identity", ["b"], ["y"]),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8, 8])],
+    )
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    return model_io.save(conv_bn_model(), tmp_path / "in.onnx")
+
+
+def test_optimize_writes_model_and_report(tmp_path, model_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--report", str(report)]) == 0
+    optimized = model_io.load(out)
+    assert [n.op_type for n in optimized.graph.node] == ["Conv"]
+    records = json.loads(report.read_text())["records"]
+    assert {r["name"] for r in records if r["status"] == "applied"} >= {"lift-constants", "fold-batchnorm", "eliminate-identities"}
+    printed = capsys.readouterr().out
+    assert "fold-batchnorm" in printed and "applied" in printed and f"wrote {out}" in printed
+
+
+def test_optimize_with_npz_data_and_chosen_passes(tmp_path, model_path):
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, x=np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--data", str(feeds), "--passes", "lift-constants"]) == 0
+    assert "Constant" not in {n.op_type for n in model_io.load(out).graph.node}
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda p: p.write_text("not onnx"), "not a readable ONNX model|holds no graph"),
+        (lambda p: p.write_bytes(conv_bn_model().SerializeToString()[:700]), "not a readable ONNX model"),
+    ],
+)
+def test_bad_model_files_exit_2_and_write_nothing(tmp_path, capsys, make_input, message):
+    bad = tmp_path / "bad.onnx"
+    make_input(bad)
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(bad), "-o", str(out)]) == 2
+    assert not out.exists()
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_missing_external_data_exits_2(tmp_path, capsys):
+    m = conv_bn_model()
+    lifted = numpy_helper.to_array(m.graph.node[0].attribute[0].t)
+    m.graph.initializer.append(numpy_helper.from_array(lifted, "w"))
+    del m.graph.node[0]
+    path = model_io.save(m, tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "m.onnx.data").unlink()
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(path), "-o", str(out)]) == 2
+    assert "external data file 'm.onnx.data' is missing" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_model_onnxruntime_cannot_load_exits_2(tmp_path, capsys):
+    m = conv_bn_model()
+    m.graph.node[-1].domain = "com.unknown"
+    m.opset_import.append(helper.make_opsetid("com.unknown", 1))
+    path = model_io.save(m, tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(path), "-o", str(out)]) == 2
+    assert "onnxruntime cannot load the input model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_mismatched_feeds_exit_2(tmp_path, model_path, capsys):
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, x=np.zeros((2, 3, 8, 8), np.float64))
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--data", str(feeds)]) == 2
+    assert "'x' is float64" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_input(model_path, capsys):
+    before = model_path.read_bytes()
+    assert cli.main(["optimize", str(model_path), "-o", str(model_path)]) == 2
+    assert "is the input model" in capsys.readouterr().err
+    assert model_path.read_bytes() == before
+
+
+def test_unknown_pass_exits_2(tmp_path, model_path, capsys):
+    assert cli.main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--passes", "no-such-pass"]) == 2
+    assert "unknown pass 'no-such-pass'" in capsys.readouterr().err
+
+
+def test_passes_lists_every_registered_pass(capsys):
+    assert cli.main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lift-constants", "remove-dead-code", "eliminate-identities", "fold-constants", "fold-batchnorm", "fold-shared-weights"):
+        assert name in out
+    assert "lossless" in out
+
+
+def test_compare_and_bench(tmp_path, model_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["compare", str(model_path), str(out), "--json"]) == 0
+    diffs = json.loads(capsys.readouterr().out)
+    assert diffs["y"]["max_abs"] < 1e-4 and diffs["y"]["cosine"] > 0.9999
+    assert cli.main(["bench", str(model_path), str(out), "--rounds", "3", "--warmup", "1", "--json"]) == 0
+    timings = json.loads(capsys.readouterr().out)
+    assert [t["label"] for t in timings] == [str(model_path), str(out)] and timings[0]["ratio"] == 1.0
+
+
+def test_inspect_json(model_path, capsys):
+    assert cli.main(["inspect", str(model_path), "--json", "--shape", "batch=2"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert json.dumps(info)  # serializable
+    assert "Conv" in json.dumps(info)
+
+
+def test_demo_reports_accuracy_before_and_after(capsys):
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out
+    line = next(l for l in out.splitlines() if l.startswith("accuracy"))
+    before, after = (float(x) for x in line.split(":")[1].split("->"))
+    assert before > 0.95 and after == before
