@@ -111,16 +111,23 @@ def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     Graph outputs are not touched: callers that remove the producer of a graph output must keep the
     output's name (see `replace_tensor`). A body that defines `old` itself shadows it and is left alone.
     """
+    rename_uses_all(graph, {old: new})
+
+
+def rename_uses_all(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """`rename_uses` for many names in one walk of the graph (old name -> new name; no chains followed)."""
     for node in graph.node:
         for k, name in enumerate(node.input):
-            if name == old:
-                node.input[k] = new
+            if name in renames:
+                node.input[k] = renames[name]
         for sub in subgraphs(node):
-            if old not in defined_names(sub):
-                rename_uses(sub, old, new)
+            shadowed = defined_names(sub)
+            visible = {old: new for old, new in renames.items() if old not in shadowed}
+            if visible:
+                rename_uses_all(sub, visible)
                 for out in sub.output:
-                    if out.name == old:
-                        out.name = new
+                    if out.name in visible:
+                        out.name = visible[out.name]
 
 
 def replace_tensor(graph: onnx.GraphProto, old: str, new: str) -> bool:
@@ -146,7 +153,11 @@ def replace_tensor(graph: onnx.GraphProto, old: str, new: str) -> bool:
 
 
 def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> int:
-    """Remove the given nodes (by identity) from the graph; returns how many went."""
+    """Remove the given nodes (by identity) from the graph; returns how many went.
+
+    Identity of protobuf wrappers is only stable while they are referenced, so the nodes are held in a
+    list for the whole walk."""
+    doomed = list(doomed)
     ids = {id(n) for n in doomed}
     positions = [k for k, n in enumerate(graph.node) if id(n) in ids]
     for k in reversed(positions):
