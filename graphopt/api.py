@@ -85,6 +85,7 @@ def optimize(
     metric: Metric | None = None,
     budget: Budget | None = None,
     fixed_point: bool = True,
+    rounding_floor: bool = True,
     strict: bool = False,
 ) -> OptimizeResult:
     """Run passes (default: the `lossless` preset) on a model, validating each with onnxruntime.
@@ -92,7 +93,8 @@ def optimize(
     `data` gives the feeds (see graphopt.data); without it feeds are synthesized. At most `max_feeds`
     feeds are used. When any pass is lossy the feeds are split: the first half calibrates, the second
     half (never seen by a pass) validates. `metric(outputs, labels)` is reported before and after when
-    the feeds carry labels.
+    the feeds carry labels. `rounding_floor=False` holds lossless passes to the fixed float tolerance
+    even where onnxruntime's own optimizations differ by more (see graphopt.validate).
     """
     if not isinstance(model, onnx.ModelProto):
         model = model_io.load(model)
@@ -107,7 +109,7 @@ def optimize(
         calibration = validation = used
     settings = RuntimeSettings(level="disable_all")
     ctx = PassContext(calibration=calibration.feeds, validation=validation.feeds, activations=ActivationCache(calibration.feeds, settings), threads=threads)
-    pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget or Budget(), strict=strict)
+    pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget or Budget(), strict=strict, rounding_floor=rounding_floor)
     label = f"{len(validation.feeds)} validation feeds from {used.source}"
     optimized, report = pipeline.run(model, ctx, label)
     if metric is not None and validation.labels is not None:

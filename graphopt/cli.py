@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fixed-point", action="store_true", help="run the pass list once instead of until nothing changes")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto", help="auto: external data past 2 GB or when the input used it")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
+    p.add_argument("--strict-rounding", action="store_true", help="hold lossless passes to the fixed float tolerance even where onnxruntime's own optimizations differ by more")
     p.add_argument("--metric", help="MODULE:FUNCTION called as f(outputs, labels) -> float, reported before and after; `accuracy` for argmax accuracy")
     _feed_args(p)
     p.set_defaults(handler=_optimize)
@@ -114,6 +115,7 @@ def _optimize(args) -> int:
         threads=args.threads,
         metric=_metric(args.metric),
         fixed_point=not args.no_fixed_point,
+        rounding_floor=not args.strict_rounding,
     )
     external = {"auto": True if info.external_data else None, "yes": True, "no": False}[args.external_data]
     model.save(result.model, args.output, external_data=external, source=source, force=args.force)

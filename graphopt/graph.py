@@ -117,17 +117,22 @@ def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
 def rename_uses_all(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
     """`rename_uses` for many names in one walk of the graph (old name -> new name; no chains followed)."""
     for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name in renames:
-                node.input[k] = renames[name]
-        for sub in subgraphs(node):
-            shadowed = defined_names(sub)
-            visible = {old: new for old, new in renames.items() if old not in shadowed}
-            if visible:
-                rename_uses_all(sub, visible)
-                for out in sub.output:
-                    if out.name in visible:
-                        out.name = visible[out.name]
+        rename_node_reads(node, renames)
+
+
+def rename_node_reads(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    """`rename_uses_all` for one node: its inputs and the outer-scope names its bodies read."""
+    for k, name in enumerate(node.input):
+        if name in renames:
+            node.input[k] = renames[name]
+    for sub in subgraphs(node):
+        shadowed = defined_names(sub)
+        visible = {old: new for old, new in renames.items() if old not in shadowed}
+        if visible:
+            rename_uses_all(sub, visible)
+            for out in sub.output:
+                if out.name in visible:
+                    out.name = visible[out.name]
 
 
 def replace_tensor(graph: onnx.GraphProto, old: str, new: str) -> bool:

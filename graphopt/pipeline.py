@@ -3,7 +3,8 @@
 For every pass: copy the model, run the pass on the copy, and if it changed anything check the copy
 (onnx.checker at the strictest level the input model passed), run it in onnxruntime on the validation
 feeds and compare with the outputs of the pass's input. A lossless pass must match within float
-rounding; a lossy pass must keep fidelity to the original within the budget. Anything else - a
+rounding (validate.py: a fixed tolerance, widened to twice the difference onnxruntime's own optimizations
+make on the input model, measured only when a pass needs it, unless `rounding_floor` is off); a lossy pass must keep fidelity to the original within the budget. Anything else - a
 PassError, a checker failure, a model onnxruntime cannot load, outputs out of tolerance - rolls the pass
 back, and the report says why. With `fixed_point`, the list is repeated until a round changes nothing.
 """
@@ -52,6 +53,7 @@ class Pipeline:
     atol: float = validate.LOSSLESS_ATOL
     budget: Budget = field(default_factory=Budget)
     strict: bool = False  # re-raise unexpected exceptions from passes instead of rolling back (tests)
+    rounding_floor: bool = True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext, feeds_label: str = "") -> tuple[onnx.ModelProto, Report]:
         """The optimized model (a new ModelProto; `model` is not modified) and the report."""
@@ -61,12 +63,13 @@ class Pipeline:
         if report.checker_level != "full":
             report.notes.append(f"the input model does not pass onnx.checker's full check ({model_io.check(model, 'full')}); outputs are held to the '{report.checker_level}' level")
         original = runtime.run_all(model, ctx.validation, VALIDATION, what="the input model")
+        floors = _LazyFloors(model, ctx.validation, original, report) if self.rounding_floor else None
         current, current_outputs = model, original
         ran: list[str] = []
         for round_no in range(1, (self.max_rounds if self.fixed_point else 1) + 1):
             changed_this_round = False
             for p in self.passes:
-                record, candidate, outputs = self._run_pass(p, current, current_outputs, original, ctx, round_no, report.checker_level, ran)
+                record, candidate, outputs = self._run_pass(p, current, current_outputs, original, floors, ctx, round_no, report.checker_level, ran)
                 report.records.append(record)
                 ran.append(p.name)
                 if record.status == "applied":
@@ -82,7 +85,7 @@ class Pipeline:
             current = _copy(model)
         return current, report
 
-    def _run_pass(self, p, current, current_outputs, original, ctx, round_no, level, ran):
+    def _run_pass(self, p, current, current_outputs, original, floors, ctx, round_no, level, ran):
         record = PassRecord(p.name, round_no, "no change", before=ModelStats.of(current), options=p.options())
         candidate = _copy(current)
         t0 = time.perf_counter()
@@ -113,6 +116,8 @@ class Pipeline:
             record.max_abs, record.max_rel = validate.worst(diffs)
             if p.lossless:
                 problem = validate.lossless_violation(diffs, current_outputs, self.rtol, self.atol)
+                if problem and floors is not None:
+                    problem = validate.lossless_violation(diffs, current_outputs, self.rtol, self.atol, floors.get())
             else:
                 problem = self.budget.violation(validate.compare(original, outputs))
         record.validate_seconds = time.perf_counter() - t1
@@ -137,6 +142,21 @@ class Pipeline:
         if problem:
             raise RuntimeError(f"the optimized model fails {problem}; this is a graphopt bug, please report it")
         runtime.session(model, RuntimeSettings(level="all"), what="the optimized model")
+
+
+class _LazyFloors:
+    """onnxruntime's own rounding difference on the input model, measured the first time it is needed."""
+
+    def __init__(self, model: onnx.ModelProto, feeds, disabled_outputs, report: Report):
+        self._model, self._feeds, self._disabled, self._report = model, feeds, disabled_outputs, report
+        self._floors: dict[str, float] | None = None
+
+    def get(self) -> dict[str, float]:
+        if self._floors is None:
+            optimized = runtime.run_all(self._model, self._feeds, RuntimeSettings(level="all"), what="the input model")
+            self._floors = validate.rounding_floors(self._disabled, optimized)
+            self._report.rounding_floors = dict(self._floors)
+        return self._floors
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

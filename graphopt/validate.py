@@ -9,7 +9,11 @@ Definitions (per output, over all validation feeds):
   scores (float, rank >= 2, last axis of 2..100000 entries); None otherwise.
 
 A lossless rewrite must match within float rounding: integer and bool outputs exactly, NaNs in the same
-places, shapes equal, and max_abs <= rtol * max(1, max|reference|) + atol.
+places, shapes equal, and max_abs <= rtol * max(1, max|reference|) + atol, or, when a rounding floor is
+given, at most ROUNDING_FLOOR_FACTOR times that floor. The floor of an output is how far onnxruntime's own
+graph optimizations (ORT_ENABLE_ALL vs ORT_DISABLE_ALL) move it on the same model and feeds: reassociating
+float sums in a deep network differs by that much whoever does it (measured: 4.2e-5 on PP-OCRv4 rec's
+softmax, 3.2e-5 on MiniLM's hidden state), and a real bug differs by orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 
 LOSSLESS_RTOL = 1e-5
 LOSSLESS_ATOL = 1e-6
+ROUNDING_FLOOR_FACTOR = 2.0
 
 
 @dataclass
@@ -116,8 +121,15 @@ def output_scale(reference: list[dict[str, np.ndarray]], name: str) -> float:
     return float(max(values)) if values else 0.0
 
 
-def lossless_violation(diffs: dict[str, OutputDiff], reference: list[dict[str, np.ndarray]], rtol: float = LOSSLESS_RTOL, atol: float = LOSSLESS_ATOL) -> str | None:
-    """None when every output matches within float rounding, else a sentence naming the output and numbers."""
+def lossless_violation(
+    diffs: dict[str, OutputDiff],
+    reference: list[dict[str, np.ndarray]],
+    rtol: float = LOSSLESS_RTOL,
+    atol: float = LOSSLESS_ATOL,
+    floors: dict[str, float] | None = None,
+) -> str | None:
+    """None when every output matches within float rounding, else a sentence naming the output and numbers.
+    `floors`: output name -> onnxruntime's own optimization difference on that output (see the module doc)."""
     for name, d in diffs.items():
         if d.shape_mismatch:
             return f"output {name!r}: {d.shape_mismatch}"
@@ -128,9 +140,16 @@ def lossless_violation(diffs: dict[str, OutputDiff], reference: list[dict[str, n
                 return f"output {name!r} (integer/bool) changed: max abs difference {d.max_abs:g}"
             continue
         limit = rtol * max(1.0, output_scale(reference, name)) + atol
+        if floors and floors.get(name, 0.0) * ROUNDING_FLOOR_FACTOR > limit:
+            limit = floors[name] * ROUNDING_FLOOR_FACTOR
         if not d.max_abs <= limit:
             return f"output {name!r}: max abs error {d.max_abs:.3g} > tolerance {limit:.3g} (max rel {d.max_rel:.3g})"
     return None
+
+
+def rounding_floors(disabled: list[dict[str, np.ndarray]], optimized: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Per output: max abs difference between a model run with ORT_DISABLE_ALL and with ORT_ENABLE_ALL."""
+    return {name: d.max_abs for name, d in compare(disabled, optimized).items() if not d.exact_kind and not d.shape_mismatch}
 
 
 def worst(diffs: dict[str, OutputDiff]) -> tuple[float, float]:

@@ -20,6 +20,9 @@ Refused (named in `refused`, node left in place):
     the initializers only its computation reads), e.g. ConstantOfShape/Tile/Expand making big tensors:
     the producing node stays and its (small) constant inputs are folded instead
   a folded output that is a sequence/map/optional, not a tensor
+  Transpose/Reshape/Flatten/Squeeze/Unsqueeze/Identity of an initializer that other nodes still read, when
+    the result holds at least `min_view_bytes`: the file would store the weight twice. Such view nodes are
+    what fold-shared-weights writes on purpose, and onnxruntime folds them when it loads the model.
   Shape/Size of a tensor whose static shape onnxruntime contradicts, or that no feed was available to confirm
   (graph inputs need no confirmation: onnxruntime rejects feeds that differ from declared static dims)
 
@@ -55,6 +58,7 @@ NON_DETERMINISTIC = frozenset(
 )
 STANDARD_DOMAINS = ("", "ai.onnx")
 SHAPE_OPS = ("Shape", "Size")
+VIEW_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
 
 @dataclass
@@ -75,6 +79,7 @@ class FoldConstants(Pass):
     lossless = True
 
     max_growth_bytes: int = 1 << 20
+    min_view_bytes: int = 64
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         graph = model.graph
@@ -104,6 +109,7 @@ class FoldConstants(Pass):
             node, value = prod[name], values[name]
             if not isinstance(value, np.ndarray):
                 rejected[name] = f"{_describe(node)}: output '{name}' is a {type(value).__name__}, not a tensor"
+        rejected.update(self._weight_views(graph, plan, values, rejected))
         big = [n for n in plan.needed if n not in rejected and _array_bytes(values[n]) > self.max_growth_bytes]
         freed = _freed_bytes(graph, plan) if big else {}
         for name in big:
@@ -115,6 +121,26 @@ class FoldConstants(Pass):
                     f"would grow the model by {growth} bytes, over max_growth_bytes={self.max_growth_bytes}"
                 )
         return rejected
+
+
+    def _weight_views(self, graph: onnx.GraphProto, plan: _Plan, values: dict[str, object], rejected: dict[str, str]) -> dict[str, str]:
+        """Needed outputs that are a second layout of an initializer that stays in use."""
+        prod, readers, outputs = producers(graph), consumers(graph), output_names(graph)
+        removed_ids = {id(n) for n in plan.removed}
+        constants = constant_names(graph)
+        views: dict[str, str] = {}
+        for name in plan.needed:
+            node, value = prod[name], values[name]
+            if name in rejected or node.op_type not in VIEW_OPS or node.domain not in STANDARD_DOMAINS:
+                continue
+            source = node.input[0]
+            stays = source in outputs or any(id(r) not in removed_ids for r in readers.get(source, []))
+            if source in constants and stays and _array_bytes(value) >= self.min_view_bytes:
+                views[name] = (
+                    f"{_describe(node)}: '{name}' is a {node.op_type} of initializer '{source}', which other nodes still read; "
+                    f"folding would store its {_array_bytes(value)} bytes twice (onnxruntime folds it at load instead)"
+                )
+        return views
 
 
 def _describe(node: onnx.NodeProto) -> str:

@@ -289,3 +289,41 @@ def test_nothing_constant_means_no_change():
     _, after, result = fold(model)
     assert not result.changed and result.counts == {} and op_types(after) == ["Relu"]
     assert after == model
+
+
+def tied_weight_model():
+    """ids -> Gather(emb[32,8]) -> MatMul(Transpose(emb)) -> y   (the head reads a transposed view of the table)"""
+    nodes = [
+        helper.make_node("Transpose", ["emb"], ["emb_t"], perm=[1, 0]),
+        helper.make_node("Gather", ["emb", "ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "emb_t"], ["y"]),
+    ]
+    return make_model(nodes, [vi("ids", [3], TP.INT64)], [vi("y", [3, 32])], [tensor("emb", [32, 8])])
+
+
+def test_view_of_a_weight_still_in_use_is_refused():
+    before, after, result = fold(tied_weight_model())
+    assert not result.changed
+    assert op_types(after) == ["Transpose", "Gather", "MatMul"]
+    assert any("Transpose of initializer 'emb'" in r and "twice" in r for r in result.refused)
+
+
+def test_small_views_of_a_weight_in_use_still_fold():
+    before, after, result = fold(tied_weight_model(), min_view_bytes=10**6)
+    assert op_types(after) == ["Gather", "MatMul"]
+    assert_same_outputs(before, after, seeded_feeds(before))
+
+
+def test_lossless_preset_reaches_a_fixed_point_on_tied_weights():
+    """fold-shared-weights writes Transpose views; fold-constants must not fold them back (no oscillation)."""
+    import graphopt
+
+    model = tied_weight_model()
+    model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(model.graph.initializer[0]).T.copy(), "emb_t_copy"))
+    model.graph.node[2].input[1] = "emb_t_copy"
+    del model.graph.node[0]
+    result = graphopt.optimize(model, strict=True)
+    rounds = max(r.round for r in result.report.records)
+    assert rounds == 2, [(r.name, r.round, r.status) for r in result.report.records]
+    assert [t.name for t in result.model.graph.initializer] == ["emb"]
+    assert op_types(result.model) == ["Transpose", "Gather", "MatMul"]

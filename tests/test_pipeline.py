@@ -131,6 +131,36 @@ def test_accepted_pass_is_kept_and_fixed_point_stops_when_nothing_changes():
         np.testing.assert_array_equal(a["y"], b["y"])
 
 
+@dataclass
+class ScaleOutput(Pass):
+    """Test pass: multiplies the graph output by (1 + eps) through an extra Mul."""
+
+    name = "scale-output"
+    description = "test"
+    lossless = True
+    eps: float = 1e-4
+
+    def run(self, model, ctx):
+        model.graph.node[-1].output[0] = "y_raw"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1 + self.eps, np.float32), "eps"))
+        model.graph.node.append(helper.make_node("Mul", ["y_raw", "eps"], ["y"]))
+        return PassResult(True)
+
+
+def test_rounding_floor_is_measured_only_when_needed_and_can_be_switched_off(monkeypatch):
+    from graphopt import validate
+
+    measured = []
+    monkeypatch.setattr(validate, "rounding_floors", lambda a, b: measured.append(1) or {"y": 1e-3})
+    kept = graphopt.optimize(relu_neg_model(), passes=[ScaleOutput()], fixed_point=False, strict=True)
+    assert kept.report.records[0].status == "applied" and measured == [1]
+    assert kept.report.rounding_floors == {"y": 1e-3}
+    strict = graphopt.optimize(relu_neg_model(), passes=[ScaleOutput()], fixed_point=False, strict=True, rounding_floor=False)
+    assert strict.report.records[0].status == "rolled back" and measured == [1]
+    tiny = graphopt.optimize(relu_neg_model(), passes=[ScaleOutput(eps=1e-7)], fixed_point=False, strict=True)
+    assert tiny.report.records[0].status == "applied" and measured == [1], "within the fixed tolerance: no floor measured"
+
+
 def test_report_counts_and_final_comparison():
     result = graphopt.optimize(relu_neg_model(), passes=[OncePerModel()], strict=True)
     report = result.report.to_dict()

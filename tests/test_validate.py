@@ -34,3 +34,18 @@ def test_nan_positions_must_agree():
     ref = [{"y": np.array([np.nan, 1.0], np.float32)}]
     assert validate.lossless_violation(validate.compare(ref, [{"y": np.array([np.nan, 1.0], np.float32)}]), ref) is None
     assert "NaNs" in validate.lossless_violation(validate.compare(ref, [{"y": np.array([0.0, 1.0], np.float32)}]), ref)
+
+
+def test_rounding_floor_widens_the_tolerance_to_twice_onnxruntimes_own_difference():
+    ref = [{"y": np.array([1.0, 0.5], np.float32)}]
+    cand = [{"y": np.array([1.0 + 3e-5, 0.5], np.float32)}]
+    diffs = validate.compare(ref, cand)
+    assert "max abs error" in validate.lossless_violation(diffs, ref)
+    assert validate.lossless_violation(diffs, ref, floors={"y": 2e-5}) is None
+    assert "max abs error" in validate.lossless_violation(diffs, ref, floors={"y": 1e-5})
+
+
+def test_rounding_floors_measure_per_output_difference():
+    a = [{"y": np.array([1.0, 2.0], np.float32), "i": np.array([1])}]
+    b = [{"y": np.array([1.0, 2.5], np.float32), "i": np.array([1])}]
+    assert validate.rounding_floors(a, b) == {"y": 0.5}
