@@ -2,19 +2,17 @@
 
 `intermediates` streams the values of chosen tensors feed by feed (nothing accumulates here), and
 `ActivationCache` keeps what passes ask for repeatedly, such as the shapes onnxruntime really produces,
-keyed by the graph's structure so that several passes share one run.
+so that several passes share one run.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
 import onnx
 
 from graphopt import runtime
-from graphopt.graph import iter_graphs
 from graphopt.runtime import RuntimeSettings
 
 
@@ -41,34 +39,33 @@ def main_graph_tensors(model: onnx.ModelProto) -> list[str]:
     return [o for node in model.graph.node for o in node.output if o]
 
 
-def structure_key(model: onnx.ModelProto) -> str:
-    """A digest of nodes and graph inputs/outputs (not weights): equal keys produce equal shapes."""
-    h = hashlib.sha1()
-    for g in iter_graphs(model.graph):
-        for node in g.node:
-            h.update(node.SerializeToString())
-        for vi in list(g.input) + list(g.output):
-            h.update(vi.SerializeToString())
-    return h.hexdigest()
-
-
 class ActivationCache:
-    """Observed facts about a model's tensors on a fixed set of feeds, computed once per structure."""
+    """Observed facts about a model's tensors on a fixed set of feeds, shared by the passes of a run.
+
+    Shapes are kept by tensor name: a lossless rewrite leaves every surviving tensor's values, and so its
+    shape, as they were, so only names new to the cache cost a run. The pipeline calls `forget` when a
+    lossy pass (which may change shapes, e.g. pruning channels) is kept. Passes ask before mutating."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings = RuntimeSettings(), max_feeds: int = 4):
         self._feeds = feeds[:max_feeds]
         self._settings = settings
-        self._shapes: dict[str, dict[str, set[tuple[int, ...]]]] = {}
+        self._shapes: dict[str, set[tuple[int, ...]]] = {}
 
     def observed_shapes(self, model: onnx.ModelProto) -> dict[str, set[tuple[int, ...]]]:
         """Tensor name -> the set of shapes it had across the feeds (main graph tensors and outputs).
         Empty when there are no feeds to run."""
-        key = structure_key(model)
-        if key not in self._shapes:
-            names = list(dict.fromkeys(main_graph_tensors(model) + [o.name for o in model.graph.output]))
-            shapes: dict[str, set[tuple[int, ...]]] = {n: set() for n in names}
-            for values in intermediates(model, self._feeds, names, self._settings):
+        if not self._feeds:
+            return {}
+        names = list(dict.fromkeys(main_graph_tensors(model) + [o.name for o in model.graph.output]))
+        missing = [n for n in names if n not in self._shapes]
+        if missing:
+            for n in missing:
+                self._shapes[n] = set()
+            for values in intermediates(model, self._feeds, missing, self._settings):
                 for name, value in values.items():
-                    shapes[name].add(tuple(np.shape(value)))
-            self._shapes[key] = shapes if self._feeds else {}
-        return self._shapes[key]
+                    self._shapes[name].add(tuple(np.shape(value)))
+        return {n: self._shapes[n] for n in names}
+
+    def forget(self) -> None:
+        """Drop everything observed (the model changed in a way that may change shapes)."""
+        self._shapes.clear()

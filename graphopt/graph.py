@@ -231,7 +231,49 @@ def constant_names(graph: onnx.GraphProto) -> set[str]:
     return {t.name for t in graph.initializer} - {i.name for i in graph.input}
 
 
-_PROTOBUF_LIMIT = 2_000_000_000
+PROTOBUF_LIMIT = 2_000_000_000
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether the model can be serialized in memory (protobuf's 2 GB limit), judged from its tensor
+    bytes, which is cheap; serializing to find out would cost a full copy."""
+    return initializer_bytes(model) < PROTOBUF_LIMIT * 0.95
+
+
+def serialized(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None when it is past the 2 GB limit (callers go through a file then)."""
+    return model.SerializeToString() if fits_in_protobuf(model) else None
+
+
+def without_large_initializers(model: onnx.ModelProto, keep_elements: int = 1024) -> onnx.ModelProto:
+    """A copy for shape inference: main-graph float initializers of more than `keep_elements` values
+    become typed graph inputs instead.
+
+    Shapes and types come out the same (data propagation only needs integer and small constants, which
+    are kept), while onnx no longer copies the weights back and forth (2 s -> 0.04 s on MiniLM), and
+    weights whose external data was never loaded do not matter."""
+    light = onnx.ModelProto(ir_version=max(model.ir_version, 4), producer_name=model.producer_name)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, g = model.graph, light.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    g.sparse_initializer.extend(graph.sparse_initializer)
+    inputs = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if t.data_type not in _FLOAT_TYPES or (int(np.prod(t.dims)) if len(t.dims) else 1) <= keep_elements:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+)
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
@@ -242,8 +284,9 @@ def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     ActivationCache.observed_shapes where it matters). Models past protobuf's 2 GB limit cannot go
     through in-memory inference: for them this returns only what the model already declares.
     """
-    if model.ByteSize() < _PROTOBUF_LIMIT:
-        model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    light = without_large_initializers(model)
+    if fits_in_protobuf(light):
+        model = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     shapes: dict[str, list[int | None]] = {}
     for g in iter_graphs(model.graph):
         for vi in list(g.input) + list(g.value_info) + list(g.output):

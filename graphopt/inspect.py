@@ -30,17 +30,11 @@ import onnx
 from onnx import helper, shape_inference
 
 from graphopt.errors import UserError
-from graphopt.graph import iter_graphs, tensor_bytes
+from graphopt.graph import iter_graphs, tensor_bytes, without_large_initializers
 from graphopt.weights import Copy, WeightSharing, find_weight_sharing
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# Initializers larger than this (floating point) are declared as inputs for shape inference.
-_LIGHT_MAX_ELEMENTS = 1024
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-    onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128,
-}
 
 Dim = int | str | None
 
@@ -245,7 +239,7 @@ def _inferred_shapes(
     model: onnx.ModelProto, input_pins: dict[str, list[int]], dim_pins: dict[str, int]
 ) -> tuple[dict[str, list[Dim]], str | None]:
     """Tensor name -> shape (ints where known) in the main graph after onnx shape inference."""
-    light = _light_copy(model)
+    light = without_large_initializers(model)
     for value in [*light.graph.input, *light.graph.output, *light.graph.value_info]:
         _pin(value, input_pins.get(value.name), dim_pins)
     error = None
@@ -260,30 +254,6 @@ def _inferred_shapes(
         if described.get("shape") is not None:
             shapes[value.name] = described["shape"]
     return shapes, error
-
-
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without the values of large floating-point initializers (declared as inputs instead)."""
-    light = onnx.ModelProto(ir_version=max(model.ir_version, 4), opset_import=model.opset_import, functions=model.functions)
-    source, g = model.graph, light.graph
-    g.node.extend(source.node)
-    g.input.extend(source.input)
-    g.output.extend(source.output)
-    g.value_info.extend(source.value_info)
-    g.sparse_initializer.extend(source.sparse_initializer)
-    declared = {v.name for v in source.input}
-    for t in source.initializer:
-        if _shape_relevant(t):
-            g.initializer.append(t)
-        elif t.name not in declared:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light
-
-
-def _shape_relevant(t: onnx.TensorProto) -> bool:
-    """Small tensors and non-float tensors may feed shapes (Reshape targets, Slice bounds): keep their values."""
-    floating = t.data_type in _FLOAT_TYPES
-    return not floating or prod(t.dims) <= _LIGHT_MAX_ELEMENTS
 
 
 def _pin(value: onnx.ValueInfoProto, full: list[int] | None, dim_pins: dict[str, int]) -> None:

@@ -16,9 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import UserError
-
-PROTOBUF_LIMIT = 2_000_000_000
-
+from graphopt.graph import fits_in_protobuf, iter_graphs
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -64,8 +62,6 @@ def load_with_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, ModelFile]
 
 
 def _external_files(model: onnx.ModelProto) -> list[str]:
-    from graphopt.graph import iter_graphs
-
     files: dict[str, None] = {}
     for g in iter_graphs(model.graph):
         for t in g.initializer:
@@ -85,7 +81,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
         raise UserError(f"{path} is the input model; choose another output path (or pass --force to overwrite it)")
     if not path.parent.is_dir():
         raise UserError(f"{path}: folder {path.parent} does not exist")
-    use_external = model.ByteSize() > PROTOBUF_LIMIT if external_data is None else external_data
+    use_external = not fits_in_protobuf(model) if external_data is None else external_data
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".graphopt-", dir=path.parent) as tmp:
         tmp_model = Path(tmp) / path.name
@@ -131,12 +127,13 @@ def checker_level(model: onnx.ModelProto) -> str:
     return "none"
 
 
-def check(model: onnx.ModelProto, level: str = "full") -> str | None:
-    """Run onnx.checker at `level` ('full' includes strict shape inference); None if it passes, else the reason."""
+def check(model: onnx.ModelProto | bytes, level: str = "full") -> str | None:
+    """Run onnx.checker at `level` ('full' includes strict shape inference) on a model or its serialized
+    bytes (saves a copy when the caller has them); None if it passes, else the reason."""
     if level == "none":
         return None
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if isinstance(model, onnx.ModelProto) and not fits_in_protobuf(model):
             with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
                 p = os.path.join(tmp, "m.onnx")
                 save(model, p, external_data=True)

@@ -19,6 +19,7 @@ import onnx
 from graphopt import model as model_io
 from graphopt import runtime, validate
 from graphopt.errors import PassError, UserError
+from graphopt.graph import serialized
 from graphopt.passes_base import Pass, PassContext
 from graphopt.report import ModelStats, PassRecord, Report
 from graphopt.runtime import RuntimeSettings
@@ -64,75 +65,74 @@ class Pipeline:
             report.notes.append(f"the input model does not pass onnx.checker's full check ({model_io.check(model, 'full')}); outputs are held to the '{report.checker_level}' level")
         original = runtime.run_all(model, ctx.validation, VALIDATION, what="the input model")
         floors = _LazyFloors(model, ctx.validation, original, report) if self.rounding_floor else None
-        current, current_outputs = model, original
+        current = _Accepted(model, original, report.input)
         ran: list[str] = []
         for round_no in range(1, (self.max_rounds if self.fixed_point else 1) + 1):
             changed_this_round = False
             for p in self.passes:
-                record, candidate, outputs = self._run_pass(p, current, current_outputs, original, floors, ctx, round_no, report.checker_level, ran)
+                record, accepted = self._run_pass(p, current, original, floors, ctx, round_no, report.checker_level, ran)
                 report.records.append(record)
                 ran.append(p.name)
-                if record.status == "applied":
-                    current, current_outputs = candidate, outputs
+                if accepted is not None:
+                    current = accepted
                     changed_this_round = True
+                    if not p.lossless:
+                        ctx.activations.forget()
             if not changed_this_round:
                 break
-        self._final_checks(current, report.checker_level)
-        report.output = ModelStats.of(current)
-        report.final = {k: v.as_dict() for k, v in validate.compare(original, current_outputs).items()}
+        self._final_checks(current.model, report.checker_level)
+        report.output = current.stats
+        report.final = {k: v.as_dict() for k, v in validate.compare(original, current.outputs).items()}
         report.seconds = time.perf_counter() - started
-        if current is model:
-            current = _copy(model)
-        return current, report
+        return (_copy(model) if current.model is model else current.model), report
 
-    def _run_pass(self, p, current, current_outputs, original, floors, ctx, round_no, level, ran):
-        record = PassRecord(p.name, round_no, "no change", before=ModelStats.of(current), options=p.options())
-        candidate = _copy(current)
+    def _run_pass(self, p: Pass, current: "_Accepted", original, floors, ctx: PassContext, round_no: int, level: str, ran: list[str]):
+        """Run one pass on a copy of the current model; returns its record and, if kept, the new state."""
+        record = PassRecord(p.name, round_no, "no change", before=current.stats, after=current.stats, options=p.options())
+        candidate = _copy(current.model)
         t0 = time.perf_counter()
         try:
             result = p.run(candidate, ctx)
         except PassError as exc:
-            return self._failed(record, t0, f"{exc} (passes before: {', '.join(ran) or 'none'})"), None, None
+            return self._failed(record, t0, f"{exc} (passes before: {', '.join(ran) or 'none'})"), None
         except Exception as exc:
             if self.strict:
                 raise
-            return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None, None
+            return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None
         record.seconds = time.perf_counter() - t0
         record.counts, record.refused = dict(result.counts), list(result.refused)
-        record.after = record.before
         if not result.changed:
-            return record, None, None
+            return record, None
         t1 = time.perf_counter()
-        record.after = ModelStats.of(candidate)
-        problem = model_io.check(candidate, level)
+        blob = serialized(candidate)  # serialized once for the stats, the checker and onnxruntime
+        stats = ModelStats.of(candidate, len(blob) if blob is not None else None)
+        problem = model_io.check(blob if blob is not None else candidate, level)
         outputs = None
         if problem is None:
             try:
-                outputs = runtime.run_all(candidate, ctx.validation, VALIDATION, what=f"the model after {p.name}")
+                outputs = runtime.run_all(blob if blob is not None else candidate, ctx.validation, VALIDATION, what=f"the model after {p.name}")
             except UserError as exc:
                 problem = str(exc)
         if problem is None:
-            diffs = validate.compare(current_outputs, outputs)
+            diffs = validate.compare(current.outputs, outputs)
             record.max_abs, record.max_rel = validate.worst(diffs)
             if p.lossless:
-                problem = validate.lossless_violation(diffs, current_outputs, self.rtol, self.atol)
+                problem = validate.lossless_violation(diffs, current.outputs, self.rtol, self.atol)
                 if problem and floors is not None:
-                    problem = validate.lossless_violation(diffs, current_outputs, self.rtol, self.atol, floors.get())
+                    problem = validate.lossless_violation(diffs, current.outputs, self.rtol, self.atol, floors.get())
             else:
                 problem = self.budget.violation(validate.compare(original, outputs))
         record.validate_seconds = time.perf_counter() - t1
         if problem is not None:
             record.status, record.reason = "rolled back", problem
-            record.after = record.before
-            return record, None, None
-        record.status = "applied"
-        return record, candidate, outputs
+            return record, None
+        record.status, record.after = "applied", stats
+        return record, _Accepted(candidate, outputs, stats)
 
     @staticmethod
     def _failed(record: PassRecord, t0: float, reason: str) -> PassRecord:
         record.status, record.reason = "failed", reason
         record.seconds = time.perf_counter() - t0
-        record.after = record.before
         return record
 
     @staticmethod
@@ -142,6 +142,15 @@ class Pipeline:
         if problem:
             raise RuntimeError(f"the optimized model fails {problem}; this is a graphopt bug, please report it")
         runtime.session(model, RuntimeSettings(level="all"), what="the optimized model")
+
+
+@dataclass
+class _Accepted:
+    """The model as it stands after the passes kept so far, its validation outputs and its stats."""
+
+    model: onnx.ModelProto
+    outputs: list[dict]
+    stats: ModelStats
 
 
 class _LazyFloors:

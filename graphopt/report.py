@@ -17,8 +17,10 @@ class ModelStats:
     file_bytes: int  # serialized size of the model with all tensor data inline
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "ModelStats":
-        return cls(node_count(model), initializer_bytes(model), model.ByteSize())
+    def of(cls, model: onnx.ModelProto, file_bytes: int | None = None) -> "ModelStats":
+        """Stats of a model; pass `file_bytes` when the serialized size is already known (serializing a
+        large model again costs as much as writing it)."""
+        return cls(node_count(model), initializer_bytes(model), model.ByteSize() if file_bytes is None else file_bytes)
 
 
 @dataclass

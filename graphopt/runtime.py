@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from graphopt.errors import UserError
+from graphopt.graph import serialized
 
 LEVELS = {
     "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -21,9 +22,6 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-_PROTOBUF_LIMIT = 2_000_000_000
-
 
 @dataclass(frozen=True)
 class RuntimeSettings:
@@ -52,9 +50,10 @@ def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = Ru
         opts.optimized_model_filepath = settings.optimized_model_path
     try:
         if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() > _PROTOBUF_LIMIT:
+            blob = serialized(model)
+            if blob is None:
                 return _session_via_file(model, opts, settings)
-            model = model.SerializeToString()
+            model = blob
         return ort.InferenceSession(model, sess_options=opts, providers=list(settings.providers))
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise UserError(f"onnxruntime cannot load {what}: {_first_line(exc)}") from exc
@@ -77,7 +76,7 @@ def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[s
     return dict(zip(names, values))
 
 
-def run_all(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> list[dict[str, np.ndarray]]:
+def run_all(model: onnx.ModelProto | bytes, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> list[dict[str, np.ndarray]]:
     """Outputs of `model` for every feed, one session."""
     sess = session(model, settings, what)
     try:
