@@ -1,0 +1,197 @@
+"""The real third-party models the benchmarks run on, and feeds that look like their real inputs.
+
+Models (paths; wheels are fetched once with pip and cached under benchmarks/.cache/, which git ignores):
+
+    ppocr_rec_path()  PP-OCRv4 text recognizer, from the rapidocr-onnxruntime 1.4.4 wheel
+    yolov8n_path()    YOLOv8n detector at 320x320, from the nudenet 3.4.2 wheel
+    minilm_path()     all-MiniLM-L6-v2 encoder, from ../shared/models beside the checkout
+
+Feeds (lists of `{input name: array}`, batch 1, deterministic):
+
+    ppocr_rec_feeds(n)   text lines rendered with Pillow and the DejaVu Sans font, preprocessed as
+                         rapidocr does ([1, 3, 48, 320], (pixel/255 - 0.5)/0.5, zero padding on the right);
+                         without Pillow, seeded uniform noise in [-1, 1] (the same range, not text)
+    yolov8n_feeds(n)     synthetic scenes: a colour gradient with random boxes and discs, [1, 3, 320, 320] in [0, 1]
+    minilm_feeds(n)      the first n tokenized sentences of ../shared/data/minilm_sentences.npz
+
+A wheel already sitting in benchmarks/.cache/wheels/ is used as is, so on a machine without network
+access one can copy the wheel there by hand.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from graphopt import data as data_mod
+from graphopt.data import Feed
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+WHEELS = CACHE / "wheels"
+SHARED = HERE.parent.parent / "shared"
+MINILM_MODEL = SHARED / "models" / "minilm-l6-v2.onnx"
+MINILM_SENTENCES = SHARED / "data" / "minilm_sentences.npz"
+
+OCR_HEIGHT = 48
+OCR_WIDTH = 320
+OCR_FONT = "DejaVuSans.ttf"
+OCR_FONT_SIZE = 32
+OCR_MAX_CHARS = 28
+YOLO_SIZE = 320
+
+
+@dataclass(frozen=True)
+class WheelMember:
+    """A file inside a PyPI wheel."""
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def wheel_prefix(self) -> str:
+        """Wheel file names spell the package with underscores: rapidocr_onnxruntime-1.4.4-..."""
+        return f"{self.package.replace('-', '_')}-{self.version}-"
+
+    @property
+    def cached_path(self) -> Path:
+        return CACHE / f"{self.package}-{self.version}" / self.member
+
+
+PPOCR_REC = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx")
+YOLOV8N = WheelMember("nudenet", "3.4.2", "nudenet/320n.onnx")
+
+
+def fetch(member: WheelMember) -> Path:
+    """Path of the member, unzipped from its wheel (downloaded with pip if not cached yet)."""
+    target = member.cached_path
+    if target.is_file():
+        return target
+    wheel = _cached_wheel(member) or _download_wheel(member)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        if member.member not in zf.namelist():
+            raise RuntimeError(f"{wheel.name} holds no {member.member}; has the package moved the file?")
+        partial = target.with_suffix(target.suffix + ".tmp")
+        partial.write_bytes(zf.read(member.member))
+        partial.replace(target)
+    return target
+
+
+def _cached_wheel(member: WheelMember) -> Path | None:
+    found = sorted(WHEELS.glob(member.wheel_prefix + "*.whl")) if WHEELS.is_dir() else []
+    return found[0] if found else None
+
+
+def _download_wheel(member: WheelMember) -> Path:
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    spec = f"{member.package}=={member.version}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(WHEELS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheel = _cached_wheel(member)
+    if proc.returncode != 0 or wheel is None:
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RuntimeError(
+            f"could not download {spec} with pip (is the network or PyPI reachable?): {said[-1] if said else 'no output'}\n"
+            f"Copy the wheel into {WHEELS} by hand to run without network."
+        )
+    return wheel
+
+
+def ppocr_rec_path() -> Path:
+    return fetch(PPOCR_REC)
+
+
+def yolov8n_path() -> Path:
+    return fetch(YOLOV8N)
+
+
+def minilm_path() -> Path:
+    if not MINILM_MODEL.is_file():
+        raise RuntimeError(f"{MINILM_MODEL} is missing; the shared folder is expected beside the checkout ({SHARED})")
+    return MINILM_MODEL
+
+
+def minilm_feeds(count: int, model: onnx.ModelProto | None = None) -> list[Feed]:
+    """The first `count` sentences, one feed each ([1, 128] int64 per input)."""
+    model = model if model is not None else onnx.load(str(minilm_path()), load_external_data=False)
+    feeds = data_mod.load_feeds(MINILM_SENTENCES, model, batch=1, ignore=("text",)).feeds
+    return feeds[:count]
+
+
+def sentence_snippets(count: int, max_chars: int = OCR_MAX_CHARS) -> list[str]:
+    """Short lines of real English text: the first words (up to `max_chars`) of the MiniLM sentences."""
+    with np.load(MINILM_SENTENCES, allow_pickle=False) as npz:
+        texts = [str(t) for t in npz["text"][:count]]
+    return [_first_words(t, max_chars) for t in texts]
+
+
+def _first_words(text: str, max_chars: int) -> str:
+    words, line = text.split(), ""
+    for w in words:
+        if len(line) + len(w) + (1 if line else 0) > max_chars:
+            break
+        line = f"{line} {w}" if line else w
+    return line or text[:max_chars]
+
+
+def render_text_lines(texts: list[str], height: int = OCR_HEIGHT, width: int = OCR_WIDTH) -> np.ndarray:
+    """Black-on-white text lines preprocessed like rapidocr's recognizer: [N, 3, height, width] float32.
+
+    Each line is drawn with DejaVu Sans, resized to `height` keeping its aspect ratio (width capped at
+    `width`), scaled to (pixel/255 - 0.5)/0.5 and zero-padded on the right. Needs Pillow.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(OCR_FONT, OCR_FONT_SIZE)
+    batch = np.zeros((len(texts), 3, height, width), np.float32)
+    for i, text in enumerate(texts):
+        left, top, right, bottom = font.getbbox(text)
+        margin = 4
+        image = Image.new("RGB", (right - left + 2 * margin, bottom - top + 2 * margin), "white")
+        ImageDraw.Draw(image).text((margin - left, margin - top), text, font=font, fill="black")
+        scaled_width = min(width, max(1, round(image.width * height / image.height)))
+        pixels = np.asarray(image.resize((scaled_width, height), Image.BILINEAR), np.float32)
+        batch[i, :, :, :scaled_width] = (pixels.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return batch
+
+
+def ppocr_rec_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """Rendered text lines (see the module docstring), one per feed, input `x`."""
+    try:
+        lines = render_text_lines(sentence_snippets(count))
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        lines = rng.uniform(-1.0, 1.0, (count, 3, OCR_HEIGHT, OCR_WIDTH)).astype(np.float32)
+    return [{"x": lines[i : i + 1]} for i in range(count)]
+
+
+def synthetic_scene(rng: np.random.Generator, size: int = YOLO_SIZE, shapes: int = 6) -> np.ndarray:
+    """One [3, size, size] image in [0, 1]: a colour gradient with random filled boxes and discs."""
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    start, end = rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32)
+    image = start + (end - start) * ramp[None, :, None] * np.ones((1, 1, size), np.float32)
+    rows, cols = np.mgrid[0:size, 0:size]
+    for _ in range(shapes):
+        colour = rng.uniform(0, 1, (3, 1)).astype(np.float32)
+        cy, cx = rng.integers(0, size, 2)
+        ry, rx = rng.integers(size // 16, size // 4, 2)
+        if rng.random() < 0.5:
+            inside = (np.abs(rows - cy) <= ry) & (np.abs(cols - cx) <= rx)
+        else:
+            inside = ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1.0
+        image[:, inside] = colour
+    return image
+
+
+def yolov8n_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """Synthetic scenes, one per feed, input `images` [1, 3, 320, 320]."""
+    rng = np.random.default_rng(seed)
+    return [{"images": synthetic_scene(rng)[None]} for _ in range(count)]
