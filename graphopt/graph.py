@@ -276,23 +276,26 @@ _FLOAT_TYPES = frozenset(
 )
 
 
-def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Tensor name -> its shape per onnx shape inference (with data propagation), across all graphs.
+# Ops whose outputs differ from run to run: never folded, merged or frozen.
+NON_DETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
 
-    A dim is an int when static and None when symbolic or unknown; tensors of unknown rank are absent.
-    Declared shapes are trusted as onnx trusts them (real exports can be wrong: confirm with
-    ActivationCache.observed_shapes where it matters). Models past protobuf's 2 GB limit cannot go
-    through in-memory inference: for them this returns only what the model already declares.
+
+def live_mask(graph: onnx.GraphProto) -> list[bool]:
+    """For each node of `graph` (by position), whether some graph output depends on it.
+
+    One backward sweep suffices for a topologically sorted graph; the loop repeats until nothing changes
+    so that an unsorted graph is handled too.
     """
-    light = without_large_initializers(model)
-    if fits_in_protobuf(light):
-        model = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-    shapes: dict[str, list[int | None]] = {}
-    for g in iter_graphs(model.graph):
-        for vi in list(g.input) + list(g.value_info) + list(g.output):
-            tt = vi.type.tensor_type
-            if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        for t in g.initializer:
-            shapes.setdefault(t.name, list(t.dims))
-    return shapes
+    needed = output_names(graph)
+    live = [False] * len(graph.node)
+    grew = True
+    while grew:
+        grew = False
+        for k in reversed(range(len(graph.node))):
+            node = graph.node[k]
+            if not live[k] and any(o in needed for o in node.output if o):
+                live[k] = grew = True
+                needed.update(node_reads(node))
+    return live

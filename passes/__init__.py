@@ -15,8 +15,10 @@ PRESETS: dict[str, list[str]] = {
         "lift-constants",
         "eliminate-identities",
         "fold-constants",
+        "simplify-reshapes",
         "fold-batchnorm",
         "fold-shared-weights",
+        "merge-duplicate-nodes",
         "remove-dead-code",
     ],
 }

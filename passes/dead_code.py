@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import onnx
 
 from graphopt.graph import (
+    live_mask,
     defined_names,
     initializer_bytes,
     iter_graphs,
@@ -29,25 +30,6 @@ from graphopt.graph import (
     tensor_bytes,
 )
 from graphopt.passes_base import Pass, PassContext, PassResult, register
-
-
-def live_mask(graph: onnx.GraphProto) -> list[bool]:
-    """For each node of `graph` (by position), whether some graph output depends on it.
-
-    One backward sweep suffices for a topologically sorted graph; the loop repeats until nothing changes
-    so that an unsorted graph is handled too.
-    """
-    needed = output_names(graph)
-    live = [False] * len(graph.node)
-    grew = True
-    while grew:
-        grew = False
-        for k in reversed(range(len(graph.node))):
-            node = graph.node[k]
-            if not live[k] and any(o in needed for o in node.output if o):
-                live[k] = grew = True
-                needed.update(node_reads(node))
-    return live
 
 
 def read_names(graph: onnx.GraphProto) -> set[str]:

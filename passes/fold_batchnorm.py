@@ -36,12 +36,12 @@ from graphopt.graph import (
     NameGenerator,
     constant_names,
     consumers,
-    inferred_shapes,
     iter_graphs,
     output_names,
     remove_nodes,
     replace_tensor,
 )
+from graphopt.shapes import inferred_shapes
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -42,20 +42,18 @@ from onnx import helper, numpy_helper
 from graphopt import runtime
 from graphopt.errors import PassError, UserError
 from graphopt.graph import (
+    NON_DETERMINISTIC,
     constant_names,
     consumers,
-    inferred_shapes,
     output_names,
     producers,
     remove_nodes,
     subgraphs,
     tensor_bytes,
 )
+from graphopt.shapes import inferred_shapes
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
-NON_DETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-)
 STANDARD_DOMAINS = ("", "ai.onnx")
 SHAPE_OPS = ("Shape", "Size")
 VIEW_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})

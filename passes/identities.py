@@ -1,4 +1,4 @@
-"""eliminate-identities: remove nodes whose output always equals their first input.
+"""eliminate-identities: remove nodes whose output always equals one of their inputs.
 
 Rewrites (readers of the output read the input instead, via graph.replace_tensor, so a graph output's name
 is kept; the node's now-unused constant inputs are left for remove-dead-code):
@@ -10,21 +10,37 @@ is kept; the node's now-unused constant inputs are left for remove-dead-code):
   Transpose with perm = [0, 1, ..., r-1], or no perm on a rank-0/1 tensor => removed
   Pad with all-zero pads (constant), any mode                => removed
   Slice taking every element (constant starts/ends/axes/steps, steps all 1) => removed
+  Add(x, 0) / Add(0, x) / Sub(x, 0) / Mul(x, 1) / Mul(1, x) / Div(x, 1) / Pow(x, 1), the constant an
+    initializer of x's element type whose broadcast leaves x's shape as it is => removed (x + 0 turns -0.0
+    into +0.0: numerically equal; NaN and inf pass through unchanged)
+  Concat of a single input                                   => removed
+  Expand to a constant shape whose broadcast leaves the input's shape as it is (e.g. all 1s, or the
+    input's own proven shape)                                => removed
+  Unsqueeze with empty axes (constant input, or attribute before opset 13) => removed
 
-Shape-dependent cases (Reshape, Slice, Transpose without perm) trust a shape only when it is confirmed:
+Shape-dependent cases (Reshape, Slice, Transpose without perm, broadcasts) trust a shape only when it is confirmed:
 node outputs need an onnx-inferred shape that matches every shape onnxruntime produced on the calibration
 feeds (ctx.activations.observed_shapes); graph inputs are trusted for their declared static dims (onnxruntime
 rejects feeds that differ) and initializers for their dims. A symbolic dim is accepted only where the
 rewrite holds whatever its size: Reshape target 0 (copy, allowzero=0), the single -1 of a Reshape whose
-other dims are all proven, or a Slice from 0 to INT64_MAX.
+other dims are all proven, a Slice from 0 to INT64_MAX, or a broadcast against a dim of 1.
+Broadcasts (Add/Sub/Mul/Div/Pow with a constant of rank > 0, Expand to a non-empty shape) and Transpose
+without perm need only the rank (and the dims the constant does not set to 1): where onnx infers no shape
+for a main-graph tensor, the single rank onnxruntime produced on every calibration feed is taken, with
+every dim symbolic. A scalar constant or an empty Expand shape needs no shape at all.
 
-Refused (reason recorded): element type unknown (Cast); a needed input not a constant initializer; shape
-not inferred, not observed (no feeds), disagreeing with observation, or symbolic where the size matters;
-Dropout in training mode or with a used mask; output is a graph output that cannot keep its name
-(e.g. graph input -> Identity -> graph output, or two graph outputs that would have to merge).
+Refused (reason recorded): element type unknown (Cast, neutral constants); a needed input not a constant
+initializer; shape not inferred, not observed (no feeds), disagreeing with observation, or symbolic where
+the size matters (a constant dim > 1 against a symbolic dim may broadcast a size-1 dim); Dropout in
+training mode or with a used mask; a neutral constant of another element type than the tensor (only
+Pow's exponent may legally differ; it is not reasoned about); Squeeze with empty axes (opset >= 13):
+onnxruntime squeezes every size-1 dim, onnx shape inference and the reference implementation squeeze none;
+output is a graph output that cannot keep its name (e.g. graph input -> Identity -> graph output, or two
+graph outputs that would have to merge).
 
-Subgraphs: recursed into. Cases that need no shape (Identity, Dropout, Cast, Transpose with perm, Pad)
-work in If/Loop/Scan bodies; shape-dependent ones are refused there because onnxruntime's shapes are
+Subgraphs: recursed into. Cases that need no shape (Identity, Dropout, Cast, Transpose with perm, Pad,
+Concat, Unsqueeze, Add/Sub/Mul/Div/Pow with a scalar constant, Expand to an empty shape) work in
+If/Loop/Scan bodies; shape-dependent ones are refused there because onnxruntime's shapes are
 only observed for main-graph tensors. A Cast's input type in a body must be declared in the body (its
 inputs, initializers, value_info) or come from an enclosing graph.
 """
@@ -39,91 +55,21 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.graph import constant_value, consumers, iter_graphs, output_names, remove_nodes, replace_tensor, subgraphs
-from graphopt.passes_base import Pass, PassContext, PassError, PassResult, register
+from graphopt.graph import constant_value, consumers, iter_graphs, output_names, remove_nodes, replace_tensor
+from graphopt.passes_base import Pass, PassContext, PassResult, register
+from graphopt.shapes import GraphFacts, all_graph_facts
 
 INT64_MAX = 2**63 - 1
 
-Dims = list[int | None]  # a shape: static sizes, None for a symbolic dim
-Verdict = bool | str  # True: the node is an identity; False: it is not; str: cannot tell, here is why
-Observer = Callable[[], dict[str, set[tuple[int, ...]]]]  # runs onnxruntime only when first asked
+
+@dataclass(frozen=True)
+class Forwards:
+    """The node's output always equals its input number `index` (for ops whose data input may be either)."""
+
+    index: int
 
 
-@dataclass
-class GraphFacts:
-    """What is known about one graph's tensors: element types and shapes that can be trusted."""
-
-    opset: int
-    elem_types: dict[str, int]
-    inferred: dict[str, Dims]
-    trusted: set[str]  # tensors whose `inferred` shape onnxruntime enforces (graph inputs, initializers)
-    observe: Observer | None  # None inside bodies: nothing is observed there
-
-    def shape(self, name: str) -> Dims | str:
-        """The confirmed shape of `name`, or why there is none."""
-        if self.observe is None:
-            return "shapes inside If/Loop/Scan bodies are not observed"
-        dims = self.inferred.get(name)
-        if dims is None:
-            return f"onnx shape inference gives no shape for {name}"
-        if name in self.trusted:
-            return dims
-        seen = self.observe().get(name)
-        if not seen:
-            return f"{name} was not observed (no calibration feeds)"
-        if any(len(s) != len(dims) or any(d is not None and d != o for d, o in zip(dims, s)) for s in seen):
-            return f"inferred shape {_show(dims)} of {name} disagrees with the observed {sorted(seen)}"
-        return dims
-
-
-def _show(dims: Dims) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
-
-
-def _value_info_facts(values) -> tuple[dict[str, int], dict[str, Dims]]:
-    types: dict[str, int] = {}
-    shapes: dict[str, Dims] = {}
-    for vi in values:
-        if not vi.type.HasField("tensor_type"):
-            continue
-        tt = vi.type.tensor_type
-        if tt.elem_type:
-            types[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    return types, shapes
-
-
-def graph_facts(graph: onnx.GraphProto, opset: int, outer_types: dict[str, int], observe: Observer | None) -> GraphFacts:
-    """Facts of `graph` (taken from its shape-inferred twin) on top of the enclosing graphs' types."""
-    types, shapes = _value_info_facts(list(graph.input) + list(graph.output) + list(graph.value_info))
-    inputs = {i.name for i in graph.input}
-    for t in graph.initializer:
-        if t.name not in inputs:
-            types[t.name] = t.data_type
-            shapes[t.name] = list(t.dims)
-    trusted = inputs | {t.name for t in graph.initializer}
-    return GraphFacts(opset, {**outer_types, **types}, shapes, trusted, observe)
-
-
-def all_graph_facts(model: onnx.ModelProto, observe: Observer) -> list[GraphFacts]:
-    """One GraphFacts per graph, in iter_graphs order, from one onnx shape inference run."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError) as exc:
-        raise PassError(f"onnx shape inference failed on this model ({exc}); run the checker on it") from exc
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    facts: list[GraphFacts] = []
-
-    def walk(graph: onnx.GraphProto, outer_types: dict[str, int], observe_here: Observer | None) -> None:
-        here = graph_facts(graph, opset, outer_types, observe_here)
-        facts.append(here)
-        for node in graph.node:
-            for body in subgraphs(node):
-                walk(body, here.elem_types, None)
-
-    walk(inferred.graph, {}, observe)
-    return facts
+Verdict = bool | str | Forwards  # True: identity of input 0; False: not an identity; str: cannot tell, here is why
 
 
 # ---- the cases: each says whether `node` is an identity on node.input[0] ----
@@ -191,7 +137,7 @@ def transpose(node, graph, facts) -> Verdict:
     perm = _attr(node, "perm")
     if perm is not None:
         return list(perm) == list(range(len(perm)))
-    dims = facts.shape(node.input[0])
+    dims = facts.rank_shape(node.input[0])
     if isinstance(dims, str):
         return f"no perm (reverses dims) and the rank is unknown: {dims}"
     return len(dims) <= 1
@@ -247,6 +193,91 @@ def _takes_whole_axis(size: int | None, start: int, end: int) -> Verdict:
     return start == 0 and end == size
 
 
+# The neutral constant of each op and which inputs it may be: (value, input positions).
+NEUTRAL: dict[str, tuple[int, tuple[int, ...]]] = {
+    "Add": (0, (1, 0)),
+    "Mul": (1, (1, 0)),
+    "Sub": (0, (1,)),
+    "Div": (1, (1,)),
+    "Pow": (1, (1,)),
+}
+
+
+def neutral_operand(node, graph, facts) -> Verdict:
+    """x op c == x when c is the op's neutral constant and broadcasting it changes neither shape nor type."""
+    neutral, positions = NEUTRAL[node.op_type]
+    if len(node.input) != 2:
+        return False
+    for position in positions:
+        constant = constant_value(graph, node.input[position])
+        if constant is None or not np.all(constant == neutral):
+            continue
+        data = node.input[1 - position]
+        verdict = _same_type(constant, node.input[position], data, facts)
+        if verdict is True and constant.ndim > 0:
+            verdict = _broadcast_keeps_shape(facts, data, constant.shape)
+        return Forwards(1 - position) if verdict is True else verdict
+    return False
+
+
+def _same_type(constant: np.ndarray, constant_name: str, data: str, facts: GraphFacts) -> Verdict:
+    elem = facts.elem_types.get(data)
+    if elem is None:
+        return f"element type of {data} is unknown"
+    wanted = helper.tensor_dtype_to_np_dtype(elem)
+    if constant.dtype != wanted:
+        return f"constant {constant_name} is {constant.dtype} but {data} is {wanted}"
+    return True
+
+
+def _broadcast_keeps_shape(facts: GraphFacts, name: str, other: tuple[int, ...] | list[int]) -> Verdict:
+    """Whether broadcasting `name` with a shape `other` leaves `name`'s shape unchanged."""
+    dims = facts.rank_shape(name)
+    if isinstance(dims, str):
+        return dims
+    if len(other) > len(dims):
+        return False
+    for axis, want in zip(range(len(dims) - len(other), len(dims)), other):
+        if want == 1:
+            continue
+        if dims[axis] is None:
+            return f"dim {axis} of {name} is symbolic, broadcasting it with {want} may change it"
+        if dims[axis] != want:
+            return False
+    return True
+
+
+def concat(node, graph, facts) -> Verdict:
+    return len(node.input) == 1
+
+
+def expand(node, graph, facts) -> Verdict:
+    target = _constant(graph, node, 1, "shape")
+    if not isinstance(target, np.ndarray):
+        return target or "shape input is missing"
+    return target.size == 0 or _broadcast_keeps_shape(facts, node.input[0], target.tolist())
+
+
+def _axes(node, graph, facts) -> np.ndarray | str | None:
+    axes = _attr(node, "axes") if facts.opset < 13 else _constant(graph, node, 1, "axes")
+    return axes if axes is None or isinstance(axes, str) else np.asarray(axes)
+
+
+def unsqueeze(node, graph, facts) -> Verdict:
+    axes = _axes(node, graph, facts)
+    return axes if isinstance(axes, str) else axes is not None and axes.size == 0
+
+
+def squeeze(node, graph, facts) -> Verdict:
+    """Never removed: an empty axes input (opset >= 13) means "squeeze nothing" to onnx's shape inference and
+    reference implementation but "squeeze every size-1 dim" to onnxruntime. Before opset 13 an empty axes
+    attribute squeezes every size-1 dim in both, so it is no identity."""
+    axes = _axes(node, graph, facts) if facts.opset >= 13 else None
+    if isinstance(axes, np.ndarray) and axes.size == 0:
+        return "empty axes: onnxruntime squeezes every size-1 dim, onnx shape inference and reference squeeze none"
+    return False
+
+
 CASES: dict[str, Callable[[onnx.NodeProto, onnx.GraphProto, GraphFacts], Verdict]] = {
     "Identity": identity,
     "Dropout": dropout,
@@ -255,6 +286,11 @@ CASES: dict[str, Callable[[onnx.NodeProto, onnx.GraphProto, GraphFacts], Verdict
     "Transpose": transpose,
     "Pad": pad,
     "Slice": slice_,
+    **dict.fromkeys(NEUTRAL, neutral_operand),
+    "Concat": concat,
+    "Expand": expand,
+    "Unsqueeze": unsqueeze,
+    "Squeeze": squeeze,
 }
 
 
@@ -272,7 +308,10 @@ class _Outcome:
 @dataclass
 class EliminateIdentities(Pass):
     name = "eliminate-identities"
-    description = "Remove Identity, inference Dropout, same-type Cast and no-op Reshape/Transpose/Pad/Slice"
+    description = (
+        "Remove Identity, inference Dropout, same-type Cast, no-op Reshape/Transpose/Pad/Slice/Expand/Unsqueeze, "
+        "single-input Concat and x+0, x-0, x*1, x/1, x^1"
+    )
     lossless = True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -290,23 +329,26 @@ class EliminateIdentities(Pass):
         return PassResult(changed=counts["nodes_removed"] > 0, counts=counts, refused=outcome.refused)
 
     @staticmethod
-    def _identities(graph: onnx.GraphProto, facts: GraphFacts, outcome: _Outcome) -> list[onnx.NodeProto]:
-        """The nodes of `graph` that are identities; refusals go to `outcome`. Nothing is changed yet."""
+    def _identities(graph: onnx.GraphProto, facts: GraphFacts, outcome: _Outcome) -> list[tuple[onnx.NodeProto, int]]:
+        """The nodes of `graph` that are identities, each with the input it forwards; refusals go to
+        `outcome`. Nothing is changed yet."""
         found = []
         for node in filter(_candidate, graph.node):
             verdict = CASES[node.op_type](node, graph, facts)
             if verdict is True:
-                found.append(node)
+                found.append((node, 0))
+            elif isinstance(verdict, Forwards):
+                found.append((node, verdict.index))
             elif isinstance(verdict, str):
                 outcome.refused.append(f"{_label(node)}: {verdict}")
         return found
 
     @staticmethod
-    def _remove(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], outcome: _Outcome) -> None:
+    def _remove(graph: onnx.GraphProto, nodes: list[tuple[onnx.NodeProto, int]], outcome: _Outcome) -> None:
         doomed = []
-        for node in nodes:
+        for node, forwarded in nodes:
             # Names are read now: an earlier removal may have renamed this node's input or output.
-            source, result = node.input[0], node.output[0]
+            source, result = node.input[forwarded], node.output[0]
             if replace_tensor(graph, result, source):
                 doomed.append(node)
                 outcome.removed[node.op_type] = outcome.removed.get(node.op_type, 0) + 1
