@@ -57,7 +57,23 @@ class Pipeline:
     rounding_floor: bool = True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext, feeds_label: str = "") -> tuple[onnx.ModelProto, Report]:
-        """The optimized model (a new ModelProto; `model` is not modified) and the report."""
+        """The optimized model (a new ModelProto; `model` is not modified) and the report.
+
+        Passes are validated with ORT_DISABLE_ALL, and the result is loaded once more with all of
+        onnxruntime's optimizations, as it will be deployed. Rarely a rewrite lets onnxruntime's own
+        constant folding expose a problem (e.g. a Range fed a [1]-shaped constant where it wants a
+        scalar, which it tolerated while the value was computed); then the passes run again with that
+        load checked after each one, so the pass responsible is rolled back."""
+        try:
+            return self._run(model, ctx, feeds_label, check_deployable=False)
+        except _NotDeployable as first:
+            if problem := _deployment_problem(model):
+                raise UserError(f"the input model does not load with onnxruntime's optimizations on: {problem}") from None
+            optimized, report = self._run(model, ctx, feeds_label, check_deployable=True)
+            report.notes.append(f"a first run ended with a model that failed this: {first}; the passes were run again with that load checked after each one")
+            return optimized, report
+
+    def _run(self, model: onnx.ModelProto, ctx: PassContext, feeds_label: str, check_deployable: bool) -> tuple[onnx.ModelProto, Report]:
         started = time.perf_counter()
         report = Report(input=ModelStats.of(model), feeds=feeds_label or f"{len(ctx.validation)} feeds")
         report.checker_level = model_io.checker_level(model)
@@ -70,7 +86,7 @@ class Pipeline:
         for round_no in range(1, (self.max_rounds if self.fixed_point else 1) + 1):
             changed_this_round = False
             for p in self.passes:
-                record, accepted = self._run_pass(p, current, original, floors, ctx, round_no, report.checker_level, ran)
+                record, accepted = self._run_pass(p, current, original, floors, ctx, round_no, report.checker_level, ran, check_deployable)
                 report.records.append(record)
                 ran.append(p.name)
                 if accepted is not None:
@@ -86,7 +102,7 @@ class Pipeline:
         report.seconds = time.perf_counter() - started
         return (_copy(model) if current.model is model else current.model), report
 
-    def _run_pass(self, p: Pass, current: "_Accepted", original, floors, ctx: PassContext, round_no: int, level: str, ran: list[str]):
+    def _run_pass(self, p: Pass, current: "_Accepted", original, floors, ctx: PassContext, round_no: int, level: str, ran: list[str], check_deployable: bool):
         """Run one pass on a copy of the current model; returns its record and, if kept, the new state."""
         record = PassRecord(p.name, round_no, "no change", before=current.stats, after=current.stats, options=p.options())
         candidate = _copy(current.model)
@@ -122,6 +138,8 @@ class Pipeline:
                     problem = validate.lossless_violation(diffs, current.outputs, self.rtol, self.atol, floors.get())
             else:
                 problem = self.budget.violation(validate.compare(original, outputs))
+        if problem is None and check_deployable:
+            problem = _deployment_problem(blob if blob is not None else candidate)
         record.validate_seconds = time.perf_counter() - t1
         if problem is not None:
             record.status, record.reason = "rolled back", problem
@@ -141,7 +159,21 @@ class Pipeline:
         problem = model_io.check(model, level)
         if problem:
             raise RuntimeError(f"the optimized model fails {problem}; this is a graphopt bug, please report it")
-        runtime.session(model, RuntimeSettings(level="all"), what="the optimized model")
+        problem = _deployment_problem(model)
+        if problem:
+            raise _NotDeployable(problem)
+
+
+class _NotDeployable(Exception):
+    """The optimized model does not load with all of onnxruntime's optimizations on."""
+
+
+def _deployment_problem(model: onnx.ModelProto | bytes) -> str | None:
+    try:
+        runtime.session(model, RuntimeSettings(level="all"), what="the model with all onnxruntime optimizations on")
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass

@@ -48,8 +48,21 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
         return {}
     diffs: dict[str, OutputDiff] = {}
     for name in reference[0]:
-        diffs[name] = _compare_output(name, [r[name] for r in reference], [c.get(name) for c in candidate])
+        diffs[name] = _compare_output(name, [r[name] for r in reference], [c.get(name, _MISSING) for c in candidate])
     return diffs
+
+
+_MISSING = object()
+
+
+def _parts(value) -> list[np.ndarray]:
+    """An output as a flat list of arrays: a tensor is one part, a sequence its elements, an empty
+    optional none."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [part for item in value for part in _parts(item)]
+    return [np.asarray(value)]
 
 
 def _compare_output(name: str, refs: list, cands: list) -> OutputDiff:
@@ -59,31 +72,34 @@ def _compare_output(name: str, refs: list, cands: list) -> OutputDiff:
     agree = total = 0
     exact_kind = False
     nan_mismatch = False
-    for ref, cand in zip(refs, cands):
-        if cand is None:
+    for ref_value, cand_value in zip(refs, cands):
+        if cand_value is _MISSING:
             return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch="output missing")
-        ref, cand = np.asarray(ref), np.asarray(cand)
-        if ref.shape != cand.shape:
-            return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch=f"shape {list(ref.shape)} became {list(cand.shape)}")
-        if ref.dtype.kind not in "fc":
-            exact_kind = True
-            if not np.array_equal(ref, cand):
-                max_abs = max(max_abs, _exact_difference(ref, cand))
-            continue
-        ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
-        ref_nan, cand_nan = np.isnan(ref64), np.isnan(cand64)
-        if not np.array_equal(ref_nan, cand_nan):
-            nan_mismatch = True
-        finite = ~(ref_nan | cand_nan)
-        if ref64.size:
-            delta = np.abs(np.where(finite, ref64 - cand64, 0.0))
-            delta = np.where(np.isinf(ref64) & (ref64 == cand64), 0.0, delta)
-            max_abs = max(max_abs, float(np.nan_to_num(delta, nan=np.inf).max()))
-            scale = max(scale, float(np.abs(np.where(finite & np.isfinite(ref64), ref64, 0.0)).max()))
-            cosines.append(_cosine(np.where(finite, ref64, 0.0).ravel(), np.where(finite, cand64, 0.0).ravel()))
-            if _looks_like_scores(ref):
-                agree += int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
-                total += int(np.prod(ref.shape[:-1]))
+        ref_parts, cand_parts = _parts(ref_value), _parts(cand_value)
+        if len(ref_parts) != len(cand_parts):
+            return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch=f"{len(ref_parts)} tensors became {len(cand_parts)}")
+        for ref, cand in zip(ref_parts, cand_parts):
+            if ref.shape != cand.shape:
+                return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch=f"shape {list(ref.shape)} became {list(cand.shape)}")
+            if ref.dtype.kind not in "fc":
+                exact_kind = True
+                if not np.array_equal(ref, cand):
+                    max_abs = max(max_abs, _exact_difference(ref, cand))
+                continue
+            ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
+            ref_nan, cand_nan = np.isnan(ref64), np.isnan(cand64)
+            if not np.array_equal(ref_nan, cand_nan):
+                nan_mismatch = True
+            finite = ~(ref_nan | cand_nan)
+            if ref64.size:
+                delta = np.abs(np.where(finite, ref64 - cand64, 0.0))
+                delta = np.where(np.isinf(ref64) & (ref64 == cand64), 0.0, delta)
+                max_abs = max(max_abs, float(np.nan_to_num(delta, nan=np.inf).max()))
+                scale = max(scale, float(np.abs(np.where(finite & np.isfinite(ref64), ref64, 0.0)).max()))
+                cosines.append(_cosine(np.where(finite, ref64, 0.0).ravel(), np.where(finite, cand64, 0.0).ravel()))
+                if _looks_like_scores(ref):
+                    agree += int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
+                    total += int(np.prod(ref.shape[:-1]))
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     return OutputDiff(
         name,
@@ -117,8 +133,14 @@ def _looks_like_scores(array: np.ndarray) -> bool:
 
 
 def output_scale(reference: list[dict[str, np.ndarray]], name: str) -> float:
-    values = [np.abs(r[name][np.isfinite(r[name])]).max() for r in reference if np.asarray(r[name]).dtype.kind == "f" and r[name].size and np.isfinite(r[name]).any()]
-    return float(max(values)) if values else 0.0
+    """The largest finite |value| of a float output over all feeds (0 when there is none)."""
+    scale = 0.0
+    for r in reference:
+        for part in _parts(r[name]):
+            finite = part[np.isfinite(part)] if part.dtype.kind == "f" else part[:0]
+            if finite.size:
+                scale = max(scale, float(np.abs(finite).max()))
+    return scale
 
 
 def lossless_violation(

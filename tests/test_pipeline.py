@@ -161,6 +161,27 @@ def test_rounding_floor_is_measured_only_when_needed_and_can_be_switched_off(mon
     assert tiny.report.records[0].status == "applied" and measured == [1], "within the fixed tolerance: no floor measured"
 
 
+def test_pass_that_breaks_the_optimized_load_is_found_and_rolled_back(monkeypatch):
+    """Stub: onnxruntime 'cannot load' a model holding an Identity at ORT_ENABLE_ALL; the first run ends
+    with such a model, so the pipeline reruns with that load checked per pass and rolls the pass back."""
+    from graphopt import runtime as rt
+
+    real_session = rt.session
+
+    def session(model, settings=rt.RuntimeSettings(), what="model"):
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
+        if settings.level == "all" and any(n.op_type == "Identity" for n in proto.graph.node):
+            raise graphopt.UserError("onnxruntime cannot load it: stubbed failure")
+        return real_session(model, settings, what)
+
+    monkeypatch.setattr(rt, "session", session)
+    result = graphopt.optimize(relu_neg_model(), passes=[OncePerModel()], strict=True)
+    assert [(r.round, r.status) for r in result.report.records] == [(1, "rolled back")]
+    assert "stubbed failure" in result.report.records[0].reason
+    assert any("run again" in note for note in result.report.notes)
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
+
+
 def test_report_counts_and_final_comparison():
     result = graphopt.optimize(relu_neg_model(), passes=[OncePerModel()], strict=True)
     report = result.report.to_dict()

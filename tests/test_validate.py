@@ -49,3 +49,15 @@ def test_rounding_floors_measure_per_output_difference():
     a = [{"y": np.array([1.0, 2.0], np.float32), "i": np.array([1])}]
     b = [{"y": np.array([1.0, 2.5], np.float32), "i": np.array([1])}]
     assert validate.rounding_floors(a, b) == {"y": 0.5}
+
+
+def test_sequence_and_optional_outputs_compare_element_by_element():
+    ref = [{"s": [np.array([1.0, 2.0], np.float32), np.array([3.0], np.float32)], "o": None}]
+    same = [{"s": [np.array([1.0, 2.0], np.float32), np.array([3.0], np.float32)], "o": None}]
+    shorter = [{"s": [np.array([1.0, 2.0], np.float32)], "o": None}]
+    off = [{"s": [np.array([1.0, 2.0], np.float32), np.array([3.5], np.float32)], "o": None}]
+    assert validate.lossless_violation(validate.compare(ref, same), ref) is None
+    assert "2 tensors became 1" in validate.lossless_violation(validate.compare(ref, shorter), ref)
+    assert validate.compare(ref, off)["s"].max_abs == 0.5
+    assert validate.output_scale(ref, "s") == 3.0
+    assert "output missing" in validate.lossless_violation(validate.compare(ref, [{"o": None}]), ref)
