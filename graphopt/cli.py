@@ -202,6 +202,8 @@ def _demo(args) -> int:
         print(f"demo: digits CNN ({model_path.stat().st_size / 1024:.1f} KB), {len(feeds.feeds)} held-out test images (scikit-learn digits)")
         result = api.optimize(m, data=feeds, max_feeds=len(feeds.feeds), metric=api.accuracy)
     print(result.report.summary())
+    timings = bench.bench([("original", m), ("optimized", result.model)], feeds.feeds[:32], rounds=300)
+    print(f"latency (onnxruntime, interleaved, {len(timings[0].runs_ms)} runs each): {timings[0].median_ms:.4f} ms -> {timings[1].median_ms:.4f} ms ({timings[1].ratio:.2f}x)")
     if args.output:
         model.save(result.model, args.output)
         print(f"wrote {args.output}")
