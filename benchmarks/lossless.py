@@ -40,7 +40,7 @@ from graphopt import bench, runtime, validate
 from graphopt.data import Feed, FeedSet
 from graphopt.graph import iter_graphs, node_count
 from graphopt.model import write_text
-from graphopt.passes_base import presets, registry
+from graphopt.passes_base import presets
 from graphopt.report import Report, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,16 +82,8 @@ class Variant:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "report")}
 
 
-def lossless_passes() -> tuple[list[str], list[str]]:
-    """(registered passes of the lossless preset in order, missing ones)."""
-    known = registry()
-    wanted = presets()["lossless"]
-    return [p for p in wanted if p in known], [p for p in wanted if p not in known]
-
-
 def make_graphopt(variant: Variant, original: onnx.ModelProto, feeds: FeedSet, threads: int) -> None:
-    passes, missing = lossless_passes()
-    result = graphopt.optimize(original, passes=passes if missing else None, data=feeds, max_feeds=len(feeds.feeds), threads=threads)
+    result = graphopt.optimize(original, data=feeds, max_feeds=len(feeds.feeds), threads=threads)
     variant.model, variant.report = result.model, result.report
 
 
@@ -234,11 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = parser.parse_args(argv)
-    passes, missing = lossless_passes()
-    print(f"graphopt lossless preset: {', '.join(passes)}" + (f" (not registered yet, skipped: {', '.join(missing)})" if missing else ""))
+    print(f"graphopt lossless preset: {', '.join(presets()['lossless'])}")
     results = [bench_model(name, args.feeds, args.threads, args.rounds) for name in args.models]
     if args.json:
-        write_text(args.json, json.dumps({"missing_passes": missing, "models": results}, indent=2, default=str) + "\n")
+        write_text(args.json, json.dumps({"models": results}, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 
