@@ -92,11 +92,12 @@ def _compare_output(name: str, refs: list, cands: list) -> OutputDiff:
                 nan_mismatch = True
             finite = ~(ref_nan | cand_nan)
             if ref64.size:
-                delta = np.abs(np.where(finite, ref64 - cand64, 0.0))
-                delta = np.where(np.isinf(ref64) & (ref64 == cand64), 0.0, delta)
-                max_abs = max(max_abs, float(np.nan_to_num(delta, nan=np.inf).max()))
-                scale = max(scale, float(np.abs(np.where(finite & np.isfinite(ref64), ref64, 0.0)).max()))
-                cosines.append(_cosine(np.where(finite, ref64, 0.0).ravel(), np.where(finite, cand64, 0.0).ravel()))
+                with np.errstate(invalid="ignore", over="ignore"):
+                    delta = np.abs(np.where(finite, ref64 - cand64, 0.0))
+                    delta = np.where(np.isinf(ref64) & (ref64 == cand64), 0.0, delta)
+                    max_abs = max(max_abs, float(np.nan_to_num(delta, nan=np.inf).max()))
+                    scale = max(scale, float(np.abs(np.where(finite & np.isfinite(ref64), ref64, 0.0)).max()))
+                    cosines.append(_cosine(np.where(finite, ref64, 0.0).ravel(), np.where(finite, cand64, 0.0).ravel()))
                 if _looks_like_scores(ref):
                     agree += int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
                     total += int(np.prod(ref.shape[:-1]))
@@ -120,12 +121,14 @@ def _exact_difference(ref: np.ndarray, cand: np.ndarray) -> float:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
+    """Cosine similarity; NaN when the values overflow float64 (infinite outputs)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        if na == 0 and nb == 0:
+            return 1.0
+        if na == 0 or nb == 0:
+            return 0.0
+        return float(np.dot(a, b) / (na * nb))
 
 
 def _looks_like_scores(array: np.ndarray) -> bool:

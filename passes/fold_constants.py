@@ -221,7 +221,9 @@ def _plan(graph: onnx.GraphProto, shape_values: dict[str, np.ndarray], excluded:
             needed += read_outside
     cone = _ancestors(producers(graph), needed, constant_ids)
     kept_ids = {id(n) for n in kept}
-    removed = [n for n in constant if id(n) in cone and id(n) not in kept_ids]
+    # constant nodes outside the cone feed nothing that stays: they go too (a dead reader left behind
+    # would read a tensor whose producer was folded away)
+    removed = [n for n in constant if id(n) not in kept_ids]
     evaluated = [n for n in constant if id(n) in cone and n.output[0] not in shape_values]
     return _Plan(removed=removed, evaluated=evaluated, needed=needed, refused=refused)
 

@@ -327,3 +327,19 @@ def test_lossless_preset_reaches_a_fixed_point_on_tied_weights():
     assert rounds == 2, [(r.name, r.round, r.status) for r in result.report.records]
     assert [t.name for t in result.model.graph.initializer] == ["emb"]
     assert op_types(result.model) == ["Transpose", "Gather", "MatMul"]
+
+
+def test_dead_readers_of_a_folded_shape_go_with_it():
+    """x -> Shape(start=1) -> s ; Concat([-1], s) -> t ; Reshape(x, t) -> y ; s -> Cast -> Sqrt -> (nothing)"""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], start=1),
+        helper.make_node("Concat", ["m1", "s"], ["t"], axis=0),
+        helper.make_node("Reshape", ["x", "t"], ["y"]),
+        helper.make_node("Cast", ["s"], ["c"], to=TP.FLOAT),
+        helper.make_node("Sqrt", ["c"], ["d"]),
+    ]
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], [int64s("m1", [-1])])
+    before, after, result = fold(model)
+    assert op_types(after) == ["Reshape"]
+    np.testing.assert_array_equal(constant_value(after.graph, "t"), [-1, 3])
+    assert_same_outputs(before, after, seeded_feeds(before))
