@@ -38,7 +38,7 @@ import onnx
 import graphopt
 from graphopt import bench, runtime, validate
 from graphopt.data import Feed, FeedSet
-from graphopt.graph import iter_graphs, node_count
+from graphopt.graph import copy_model, iter_graphs, node_count
 from graphopt.model import write_text
 from graphopt.passes_base import presets
 from graphopt.report import Report, table
@@ -90,21 +90,16 @@ def make_graphopt(variant: Variant, original: onnx.ModelProto, feeds: FeedSet, t
 def make_onnxslim(variant: Variant, original: onnx.ModelProto) -> None:
     import onnxslim
 
-    variant.model = onnxslim.slim(_copy(original))
+    variant.model = onnxslim.slim(copy_model(original))
 
 
 def make_onnxsim(variant: Variant, original: onnx.ModelProto) -> None:
     import onnxsim
 
-    variant.model, check_ok = onnxsim.simplify(_copy(original))
+    variant.model, check_ok = onnxsim.simplify(copy_model(original))
     if not check_ok:
         variant.notes.append("onnxsim's own output check failed")
 
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
 
 
 def build_variants(original: onnx.ModelProto, feeds: FeedSet, threads: int) -> list[Variant]:

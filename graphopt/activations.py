@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 
 from graphopt import runtime
+from graphopt.graph import copy_model
 from graphopt.runtime import RuntimeSettings
 
 
 def exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `model` whose main graph also outputs `names` (untyped; onnxruntime infers them)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = copy_model(model)
     present = {o.name for o in copy.graph.output}
     for name in names:
         if name not in present:

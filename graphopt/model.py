@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import UserError
-from graphopt.graph import fits_in_protobuf, iter_graphs
+from graphopt.graph import copy_model, fits_in_protobuf, iter_graphs
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -86,8 +86,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     with tempfile.TemporaryDirectory(prefix=".graphopt-", dir=path.parent) as tmp:
         tmp_model = Path(tmp) / path.name
         if use_external:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
+            copy = copy_model(model)  # saving as external data rewrites the tensors it is given
             onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             if (Path(tmp) / data_name).exists():
                 os.replace(Path(tmp) / data_name, path.parent / data_name)

@@ -19,7 +19,7 @@ import onnx
 from graphopt import model as model_io
 from graphopt import runtime, validate
 from graphopt.errors import PassError, UserError
-from graphopt.graph import serialized
+from graphopt.graph import copy_model, serialized
 from graphopt.passes_base import Pass, PassContext
 from graphopt.report import ModelStats, PassRecord, Report
 from graphopt.runtime import RuntimeSettings
@@ -100,12 +100,12 @@ class Pipeline:
         report.output = current.stats
         report.final = {k: v.as_dict() for k, v in validate.compare(original, current.outputs).items()}
         report.seconds = time.perf_counter() - started
-        return (_copy(model) if current.model is model else current.model), report
+        return (copy_model(model) if current.model is model else current.model), report
 
     def _run_pass(self, p: Pass, current: "_Accepted", original, floors, ctx: PassContext, round_no: int, level: str, ran: list[str], check_deployable: bool):
         """Run one pass on a copy of the current model; returns its record and, if kept, the new state."""
         record = PassRecord(p.name, round_no, "no change", before=current.stats, after=current.stats, options=p.options())
-        candidate = _copy(current.model)
+        candidate = copy_model(current.model)
         t0 = time.perf_counter()
         try:
             result = p.run(candidate, ctx)
@@ -200,7 +200,4 @@ class _LazyFloors:
         return self._floors
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
+

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from graphopt.errors import UserError
-from graphopt.graph import serialized
+from graphopt.graph import copy_model, serialized
 
 LEVELS = {
     "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -62,8 +62,7 @@ def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = Ru
 def _session_via_file(model: onnx.ModelProto, opts: ort.SessionOptions, settings: RuntimeSettings) -> ort.InferenceSession:
     with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
+        copy = copy_model(model)
         onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
         return ort.InferenceSession(path, sess_options=opts, providers=list(settings.providers))
 

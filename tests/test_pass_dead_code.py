@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.graph import initializers
+from graphopt.graph import copy_model, initializers
 from graphopt.passes.dead_code import RemoveDeadCode
 from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, seeded_feeds
 
@@ -18,8 +18,7 @@ def _vi(name: str, shape=(2, 3), elem=F) -> onnx.ValueInfoProto:
 
 
 def _clean(model: onnx.ModelProto, feeds=None):
-    before = onnx.ModelProto()
-    before.CopyFrom(model)
+    before = copy_model(model)
     result = run_pass(RemoveDeadCode(), model)
     assert_same_outputs(before, model, seeded_feeds(before) if feeds is None else feeds)
     return before, result

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from graphopt.graph import constant_value
+from graphopt.graph import constant_value, copy_model
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes_base import make_pass
 from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, seeded_feeds
@@ -43,7 +41,7 @@ def bn(data, out, prefix="bn", **attrs):
 
 def fold(model, feeds=None):
     """Run the pass on a copy; returns (before, after, result)."""
-    after = copy.deepcopy(model)
+    after = copy_model(model)
     return model, after, run_pass(FoldBatchNorm(), after, feeds)
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from graphopt.graph import constant_value
+from graphopt.graph import constant_value, copy_model
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes_base import make_pass
 from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, seeded_feeds
@@ -32,7 +30,7 @@ def vi(name, shape, elem=TP.FLOAT):
 
 def fold(model, feeds=None, **options):
     """Run the pass on a copy; returns (before, after, result)."""
-    after = copy.deepcopy(model)
+    after = copy_model(model)
     return model, after, run_pass(FoldConstants(**options), after, feeds)
 
 

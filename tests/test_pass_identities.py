@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.passes.identities import INT64_MAX, EliminateIdentities
+from graphopt.graph import copy_model
 from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, seeded_feeds
 
 F = TensorProto.FLOAT
@@ -21,15 +22,10 @@ def _init(name: str, values, dtype=np.int64) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
 
 def _eliminate(model: onnx.ModelProto, feeds=None, compare: bool = True):
     """Run the pass in place; when `compare`, check the full checker and onnxruntime outputs against before."""
-    before = _copy(model)
+    before = copy_model(model)
     feeds = seeded_feeds(before) if feeds is None else feeds
     result = run_pass(EliminateIdentities(), model, feeds)
     if compare:

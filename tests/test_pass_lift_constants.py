@@ -7,19 +7,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.graph import initializers
+from graphopt.graph import copy_model, initializers
 from graphopt.passes.lift_constants import LiftConstants
 from tests.helpers import assert_same_outputs, make_model, op_types, ort_outputs, run_pass, seeded_feeds
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
 
 def _lift(model: onnx.ModelProto):
-    before = _copy(model)
+    before = copy_model(model)
     result = run_pass(LiftConstants(), model)
     return before, result
 

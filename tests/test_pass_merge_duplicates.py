@@ -7,6 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.passes.merge_duplicates import MergeDuplicateNodes
+from graphopt.graph import copy_model
 from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, seeded_feeds
 
 F = TensorProto.FLOAT
@@ -16,15 +17,10 @@ def _vi(name: str, shape=(2, 3, 4), elem=F) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
 
 def _merge(model: onnx.ModelProto, feeds=None, compare: bool = True):
     """Run the pass in place; when `compare`, check the full checker and onnxruntime outputs against before."""
-    before = _copy(model)
+    before = copy_model(model)
     feeds = seeded_feeds(before) if feeds is None else feeds
     result = run_pass(MergeDuplicateNodes(), model, feeds)
     if compare:

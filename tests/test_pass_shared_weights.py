@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import runtime
-from graphopt.graph import initializers
+from graphopt.graph import copy_model, initializers
 from graphopt.passes.shared_weights import FoldSharedWeights
 from graphopt.weights import find_weight_sharing
 from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, seeded_feeds
@@ -29,14 +29,9 @@ def _info(name: str, shape, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProt
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
 
 def _fold(model: onnx.ModelProto, **options):
-    before = _copy(model)
+    before = copy_model(model)
     result = run_pass(FoldSharedWeights(**options), model)
     return before, result
 

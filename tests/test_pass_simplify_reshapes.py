@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.graph import constant_value
+from graphopt.graph import copy_model, constant_value
 from graphopt.passes.dead_code import RemoveDeadCode
 from graphopt.passes.simplify_reshapes import SimplifyReshapes, merged_squeeze_axes, merged_unsqueeze_axes
 from tests.helpers import assert_same_outputs, make_model, op_types, ort_outputs, run_pass, seeded_feeds
@@ -34,11 +34,6 @@ def _ints(name: str, values) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
 
 def _feeds(model: onnx.ModelProto, sizes) -> list[dict[str, np.ndarray]]:
     return [seeded_feeds(model, n=1, seed=k, dims=dims)[0] for k, dims in enumerate(sizes)]
@@ -46,7 +41,7 @@ def _feeds(model: onnx.ModelProto, sizes) -> list[dict[str, np.ndarray]]:
 
 def _simplify(model: onnx.ModelProto, calibrate: bool = True, **options):
     """Run the pass in place (calibrated on two sizes, or on no feeds); outputs must agree on four sizes."""
-    before = _copy(model)
+    before = copy_model(model)
     result = run_pass(SimplifyReshapes(**options), model, _feeds(before, CALIBRATION_SIZES) if calibrate else [])
     assert_same_outputs(before, model, _feeds(before, CHECK_SIZES))
     return before, result
@@ -323,7 +318,7 @@ def test_two_undetermined_pieces_are_refused():
 def test_literal_zero_with_allowzero_refuses_minus_one():
     """allowzero=1, target Concat([0], doubled, [3]): the output is empty whatever the doubled entry is."""
     model = _computed_pieces(allowzero=1)
-    before = _copy(model)
+    before = copy_model(model)
     result = run_pass(SimplifyReshapes(), model, _feeds(model, [{"N": 0, "T": 2}]))  # only an empty x fits
     assert model == before
     assert result.refused == [
@@ -368,7 +363,7 @@ def test_piece_of_unknown_length_is_refused():
         [_ranked("y", 2)],
         [_ints("minus_one", [-1])],
     )
-    before = _copy(model)
+    before = copy_model(model)
     feeds = [{"x": np.ones((2, 3), np.float32), "w": np.ones(3, np.float32), "s": np.array([3])}]
     result = run_pass(SimplifyReshapes(), model, feeds)
     assert model == before
@@ -474,7 +469,7 @@ RUNTIME_TARGET_FEEDS = [{"x": np.ones((2, 4, 6), np.float32), "s": np.array([2, 
 
 def test_reshape_chain_with_a_runtime_second_target_is_refused():
     model = _runtime_second_target(allowzero=0)
-    before = _copy(model)
+    before = copy_model(model)
     result = run_pass(SimplifyReshapes(), model, RUNTIME_TARGET_FEEDS)
     assert model == before
     assert result.refused == [
@@ -485,7 +480,7 @@ def test_reshape_chain_with_a_runtime_second_target_is_refused():
 def test_reshape_chain_with_a_runtime_second_target_and_allowzero_merges():
     """allowzero=1: no entry copies a dim, only the element count matters"""
     model = _runtime_second_target(allowzero=1)
-    before = _copy(model)
+    before = copy_model(model)
     run_pass(SimplifyReshapes(), model, RUNTIME_TARGET_FEEDS)
     assert op_types(model) == ["Reshape"] and list(model.graph.node[0].input) == ["x", "s"]
     assert_same_outputs(before, model, RUNTIME_TARGET_FEEDS)
@@ -621,7 +616,7 @@ def test_three_unsqueezes_merge_into_one():
 def test_squeeze_chain_that_squeezes_a_dynamic_one():
     """x[N,1,T,1] -> Squeeze [1] -> Squeeze (no axes) -> y: with N=1 both versions drop N too"""
     model = _axes_chain("Squeeze", [1], None, ["N", 1, "T", 1])
-    before = _copy(model)
+    before = copy_model(model)
     run_pass(SimplifyReshapes(), model, _feeds(before, CALIBRATION_SIZES))
     assert op_types(model) == ["Squeeze"]
     assert ort_outputs(model, _feeds(before, [{"N": 1, "T": 3}]))[0]["y"].shape == (3,)
@@ -631,7 +626,7 @@ def test_squeeze_chain_that_squeezes_a_dynamic_one():
 def test_negative_axes_without_a_rank_are_refused():
     """w, s -> Reshape -> x (rank unknown) -> Unsqueeze [-1] -> Unsqueeze [0] -> y"""
     model = _axes_chain("Unsqueeze", [-1], [0], None)
-    before = _copy(model)
+    before = copy_model(model)
     result = run_pass(SimplifyReshapes(), model, [UNRANKED_FEED])
     assert model == before
     assert result.refused == ["Unsqueeze second (m -> y): Unsqueeze -> Unsqueeze: negative axes need the rank of the input"]
@@ -640,7 +635,7 @@ def test_negative_axes_without_a_rank_are_refused():
 def test_non_negative_axes_need_no_rank():
     """w, s -> Reshape -> x (rank unknown) -> Unsqueeze [0] -> Unsqueeze [0] -> y, calibrated on nothing"""
     model = _axes_chain("Unsqueeze", [0], [0], None)
-    before = _copy(model)
+    before = copy_model(model)
     run_pass(SimplifyReshapes(), model, [])
     assert op_types(model) == ["Reshape", "Unsqueeze"] and _axes(model, model.graph.node[1]) == [0, 1]
     assert model.graph.node[1].input[0] == "x"
@@ -654,7 +649,7 @@ def test_axes_chain_refusals():
     assert result.refused == ["Unsqueeze second (m -> y): Unsqueeze -> Unsqueeze: the intermediate m has other readers"]
 
     squeeze_all_first = _axes_chain("Squeeze", None, [0], ["N", 1, "T"])
-    before = _copy(squeeze_all_first)
+    before = copy_model(squeeze_all_first)
     result = run_pass(SimplifyReshapes(), squeeze_all_first, [])
     assert squeeze_all_first == before
     assert result.refused == [
@@ -663,13 +658,13 @@ def test_axes_chain_refusals():
     ]
 
     empty_axes = _axes_chain("Squeeze", [], [0], [1, "N", 1])
-    before = _copy(empty_axes)
+    before = copy_model(empty_axes)
     result = run_pass(SimplifyReshapes(), empty_axes, [])
     assert empty_axes == before
     assert result.refused == ["Squeeze second (m -> y): Squeeze -> Squeeze: empty axes, which onnx and onnxruntime read differently"]
 
     runtime_axes = _axes_chain("Unsqueeze", [0], [0], ["N", "T"], axes_input="axes")
-    before = _copy(runtime_axes)
+    before = copy_model(runtime_axes)
     result = run_pass(SimplifyReshapes(), runtime_axes, [])
     assert runtime_axes == before
     assert result.refused == ["Unsqueeze second (m -> y): Unsqueeze -> Unsqueeze: axes input axes is not a constant initializer"]
@@ -709,7 +704,7 @@ def test_if_body_merges_axes_and_refuses_unobserved_shapes():
         [_vi("cond", [], TensorProto.BOOL), _vi("x", ["N", "T"])],
         [_ranked("y", 4)],
     )
-    before = _copy(model)
+    before = copy_model(model)
     feeds = [{"cond": np.array(c), "x": x} for c in (True, False) for x in (np.ones((2, 3), np.float32), np.ones((4, 1), np.float32))]
     result = run_pass(SimplifyReshapes(), model, feeds)
     assert_same_outputs(before, model, feeds)
