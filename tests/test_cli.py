@@ -158,3 +158,17 @@ def test_demo_reports_accuracy_before_and_after(capsys):
     line = next(l for l in out.splitlines() if l.startswith("accuracy"))
     before, after = (float(x) for x in line.split(":")[1].split("->"))
     assert before > 0.95 and after == before
+
+
+def test_external_data_in_gives_external_data_out(tmp_path):
+    m = conv_bn_model()
+    lifted = numpy_helper.to_array(m.graph.node[0].attribute[0].t)
+    m.graph.initializer.append(numpy_helper.from_array(lifted, "w"))
+    del m.graph.node[0]
+    source = model_io.save(m, tmp_path / "in.onnx", external_data=True)
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(source), "-o", str(out)]) == 0
+    assert (tmp_path / "out.onnx.data").is_file()
+    optimized, info = model_io.load_with_info(out)
+    assert info.external_data == ("out.onnx.data",)
+    assert [n.op_type for n in optimized.graph.node] == ["Conv"]
