@@ -96,6 +96,9 @@ class Pipeline:
                         ctx.activations.forget()
             if not changed_this_round:
                 break
+        else:
+            if self.fixed_point and changed_this_round:
+                report.notes.append(f"passes still changed the model in round {self.max_rounds}; stopped there (no fixed point reached)")
         self._final_checks(current.model, report.checker_level)
         report.output = current.stats
         report.final = {k: v.as_dict() for k, v in validate.compare(original, current.outputs).items()}

@@ -182,6 +182,27 @@ def test_pass_that_breaks_the_optimized_load_is_found_and_rolled_back(monkeypatc
     assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
 
 
+@dataclass
+class AlwaysAdds(Pass):
+    """Test pass: appends one more Identity before the output every time it runs."""
+
+    name = "always-adds"
+    description = "test"
+    lossless = True
+
+    def run(self, model, ctx):
+        last = model.graph.node[-1]
+        last.output[0] = f"y_{len(model.graph.node)}"
+        model.graph.node.append(helper.make_node("Identity", [last.output[0]], ["y"]))
+        return PassResult(True)
+
+
+def test_rounds_are_capped_and_the_report_says_so():
+    result = graphopt.optimize(relu_neg_model(), passes=[AlwaysAdds()], strict=True)
+    assert [r.round for r in result.report.records] == [1, 2, 3, 4]
+    assert any("no fixed point" in note for note in result.report.notes)
+
+
 def test_report_counts_and_final_comparison():
     result = graphopt.optimize(relu_neg_model(), passes=[OncePerModel()], strict=True)
     report = result.report.to_dict()
