@@ -88,3 +88,20 @@ def test_checker_levels():
     assert model_io.checker_level(m) == "full"
     m.graph.node[0].input[1] = "missing"
     assert model_io.check(m, "basic") is not None
+
+
+def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
+    """With the 2 GB limit lowered to a few KB, a 16 KB model takes the >2 GB paths end to end: the
+    checker and onnxruntime read it from a temporary file with external data, and save writes external data."""
+    import graphopt
+    from graphopt import graph
+
+    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 4096)
+    m = weighted_model()
+    assert not graph.fits_in_protobuf(m) and graph.serialized(m) is None
+    result = graphopt.optimize(m, strict=True)
+    assert result.report.checker_level == "full"
+    assert result.report.final["y"]["max_abs"] == 0.0
+    path = model_io.save(result.model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    np.testing.assert_array_equal(numpy_helper.to_array(model_io.load(path).graph.initializer[0]), numpy_helper.to_array(m.graph.initializer[0]))
