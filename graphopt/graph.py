@@ -24,6 +24,15 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The version of the default ONNX domain the model imports (None when it imports none)."""
+    versions = [o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS]
+    return max(versions) if versions else None
+
+
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A deep copy (protobuf CopyFrom: much faster than copy.deepcopy on big models)."""
     copy = onnx.ModelProto()
@@ -213,7 +222,7 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     for g in iter_graphs(model.graph):
         total += sum(tensor_bytes(t) for t in g.initializer)
         for node in g.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
                 for attr in node.attribute:
                     if attr.type == onnx.AttributeProto.TENSOR:
                         total += tensor_bytes(attr.t)

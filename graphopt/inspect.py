@@ -30,11 +30,10 @@ import onnx
 from onnx import helper, shape_inference
 
 from graphopt.errors import UserError
-from graphopt.graph import iter_graphs, tensor_bytes, without_large_initializers
+from graphopt.graph import STANDARD_DOMAINS, iter_graphs, tensor_bytes, without_large_initializers
 from graphopt.weights import Copy, WeightSharing, find_weight_sharing
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 Dim = int | str | None
 
@@ -90,7 +89,7 @@ def _node_counts(model: onnx.ModelProto) -> dict[str, Any]:
     """Nodes per op type over all graphs; non-default domains are written `domain::OpType`."""
     graphs = list(iter_graphs(model.graph))
     ops = Counter(
-        n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}::{n.op_type}" for g in graphs for n in g.node
+        n.op_type if n.domain in STANDARD_DOMAINS else f"{n.domain}::{n.op_type}" for g in graphs for n in g.node
     )
     return {"total": sum(ops.values()), "subgraphs": len(graphs) - 1, "by_op": dict(ops.most_common())}
 
@@ -118,7 +117,7 @@ def _stored_values(model: onnx.ModelProto) -> Iterator[tuple[int, int, int]]:
     for g in iter_graphs(model.graph):
         tensors = list(g.initializer) + [t for s in g.sparse_initializer for t in (s.values, s.indices)]
         for node in g.node:
-            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+            if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
                 for attr in node.attribute:
                     if attr.type == onnx.AttributeProto.TENSOR:
                         tensors.append(attr.t)
@@ -176,7 +175,7 @@ def _macs(model: onnx.ModelProto, pins: dict[str, list[int]]) -> dict[str, Any]:
     unknown: list[str] = []
     counted = 0
     for k, node in enumerate(model.graph.node):
-        if node.op_type not in MAC_OPS or node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type not in MAC_OPS or node.domain not in STANDARD_DOMAINS:
             continue
         macs = _node_macs(node, known)
         if macs is None:
@@ -185,7 +184,7 @@ def _macs(model: onnx.ModelProto, pins: dict[str, list[int]]) -> dict[str, Any]:
             by_op[node.op_type] += macs
             counted += 1
     in_bodies = sum(
-        1 for g in list(iter_graphs(model.graph))[1:] for n in g.node if n.op_type in MAC_OPS and n.domain in _DEFAULT_DOMAINS
+        1 for g in list(iter_graphs(model.graph))[1:] for n in g.node if n.op_type in MAC_OPS and n.domain in STANDARD_DOMAINS
     )
     return {
         "total": sum(by_op.values()),

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from graphopt.errors import UserError
 from graphopt.graph import copy_model, fits_in_protobuf, iter_graphs
 
+
 @dataclass(frozen=True)
 class ModelFile:
     """Facts about the file a model came from."""

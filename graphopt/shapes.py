@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import onnx
 
 from graphopt.errors import PassError
-from graphopt.graph import fits_in_protobuf, iter_graphs, subgraphs, without_large_initializers
+from graphopt.graph import default_opset, fits_in_protobuf, iter_graphs, subgraphs, without_large_initializers
 
 Dims = list[int | None]  # a shape: static sizes, None for a symbolic dim
 
@@ -100,7 +100,7 @@ def all_graph_facts(model: onnx.ModelProto, observe: Observer) -> list[GraphFact
         inferred = onnx.shape_inference.infer_shapes(without_large_initializers(model), strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
         raise PassError(f"onnx shape inference failed on this model ({exc}); run the checker on it") from exc
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model) or 0
     facts: list[GraphFacts] = []
 
     def walk(graph: onnx.GraphProto, outer_types: dict[str, int], observe_here: Observer | None) -> None:

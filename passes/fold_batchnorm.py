@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.graph import (
+    STANDARD_DOMAINS,
     NameGenerator,
     constant_names,
     consumers,
@@ -46,7 +47,6 @@ from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 class _Refused(Exception):

@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 from graphopt import runtime
 from graphopt.errors import PassError, UserError
 from graphopt.graph import (
+    STANDARD_DOMAINS,
     NON_DETERMINISTIC,
     constant_names,
     consumers,
@@ -54,7 +55,6 @@ from graphopt.graph import (
 from graphopt.shapes import inferred_shapes
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
-STANDARD_DOMAINS = ("", "ai.onnx")
 SHAPE_OPS = ("Shape", "Size")
 VIEW_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 

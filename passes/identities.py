@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.graph import constant_value, consumers, iter_graphs, output_names, remove_nodes, replace_tensor
+from graphopt.graph import STANDARD_DOMAINS, constant_value, consumers, iter_graphs, output_names, remove_nodes, replace_tensor
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 from graphopt.shapes import GraphFacts, all_graph_facts
 
@@ -363,4 +363,4 @@ class EliminateIdentities(Pass):
 def _candidate(node: onnx.NodeProto) -> bool:
     """A node of a handled op type with a data input and an output to reroute."""
     has_ends = bool(node.input) and bool(node.input[0]) and bool(node.output) and bool(node.output[0])
-    return node.op_type in CASES and node.domain in ("", "ai.onnx") and has_ends
+    return node.op_type in CASES and node.domain in STANDARD_DOMAINS and has_ends

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from graphopt.graph import iter_graphs, remove_nodes, tensor_bytes
+from graphopt.graph import STANDARD_DOMAINS, iter_graphs, remove_nodes, tensor_bytes
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 _LIST_ATTRIBUTES = {
@@ -41,7 +41,7 @@ _SCALAR_ATTRIBUTES = {
 
 
 def is_constant_node(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+    return node.op_type == "Constant" and node.domain in STANDARD_DOMAINS
 
 
 def constant_tensor(node: onnx.NodeProto, name: str) -> onnx.TensorProto | str:

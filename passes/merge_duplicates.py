@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from graphopt.graph import NON_DETERMINISTIC, constant_value, output_names, remove_nodes, rename_node_reads, rename_uses_all, subgraphs
+from graphopt.graph import STANDARD_DOMAINS, default_opset, NON_DETERMINISTIC, constant_value, output_names, remove_nodes, rename_node_reads, rename_uses_all, subgraphs
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
@@ -52,7 +52,7 @@ class MergeDuplicateNodes(Pass):
     lossless = True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = default_opset(model) or 0
         outcome = _Outcome()
         _merge_graph(model.graph, opset, outcome)
         counts: dict[str, int] = {"nodes_merged": sum(outcome.merged.values())}
@@ -144,7 +144,7 @@ def _copy(attr: onnx.AttributeProto) -> onnx.AttributeProto:
 
 def _is_random(node: onnx.NodeProto, graph: onnx.GraphProto, opset: int) -> bool:
     """Whether `node` (or a node in its bodies) draws random numbers, so that two copies differ."""
-    if node.domain in ("", "ai.onnx"):
+    if node.domain in STANDARD_DOMAINS:
         if node.op_type in NON_DETERMINISTIC or (node.op_type == "Dropout" and _dropout_trains(node, graph, opset)):
             return True
     return any(_is_random(inner, body, opset) for body in subgraphs(node) for inner in body.node)

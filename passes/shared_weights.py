@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphopt.graph import (
+    default_opset,
     NameGenerator,
     consumers,
     defined_names,
@@ -67,7 +68,7 @@ class FoldSharedWeights(Pass):
             found = find_in_graph(graph, path)
             refused += [_blocked_reason(b.graph, b.copy, b.graph_inputs) for b in found.blocked]
             if found.groups:
-                folder = _GraphFolder(graph, path, _default_opset(model), self.min_rebuild_bytes, names, counts)
+                folder = _GraphFolder(graph, path, default_opset(model), self.min_rebuild_bytes, names, counts)
                 refused += folder.fold(found.groups)
         changed = any(counts[k] for k in _COUNT_NAMES.values())
         return PassResult(changed=changed, counts=counts, refused=refused)
@@ -174,11 +175,6 @@ class _GraphFolder:
             self.counts["bytes_saved"] -= tensor_bytes(tensor)
             self.shape_inputs[shape] = name
         return self.shape_inputs[shape]
-
-
-def _default_opset(model: onnx.ModelProto) -> int | None:
-    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
-    return max(versions) if versions else None
 
 
 def _blocked_reason(path: str, c: Copy, graph_inputs: tuple[str, ...]) -> str:

@@ -57,6 +57,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.graph import (
+    STANDARD_DOMAINS,
     live_mask,
     NameGenerator,
     constant_value,
@@ -69,7 +70,6 @@ from graphopt.graph import (
 from graphopt.shapes import GraphFacts, all_graph_facts
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
-STANDARD_DOMAINS = ("", "ai.onnx")
 INT32_RANGE = (-(2**31), 2**31 - 1)
 MAX_DEPTH = 32  # pieces are short chains; this only stops pathological graphs
 
