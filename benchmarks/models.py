@@ -12,6 +12,9 @@ Feeds (lists of `{input name: array}`, batch 1, deterministic):
                          rapidocr does ([1, 3, 48, 320], (pixel/255 - 0.5)/0.5, zero padding on the right);
                          without Pillow, seeded uniform noise in [-1, 1] (the same range, not text)
     yolov8n_feeds(n)     synthetic scenes: a colour gradient with random boxes and discs, [1, 3, 320, 320] in [0, 1]
+    photo_feeds(n, seed) real photographs with people (from the scikit-image and matplotlib wheels), cropped,
+                         flipped, scaled and placed on other real photos, letterboxed like nudenet to
+                         [1, 3, 320, 320] in [0, 1]; needs Pillow
     minilm_feeds(n)      the first n tokenized sentences of ../shared/data/minilm_sentences.npz
 
 A wheel already sitting in benchmarks/.cache/wheels/ is used as is, so on a machine without network
@@ -67,6 +70,18 @@ class WheelMember:
 
 PPOCR_REC = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx")
 YOLOV8N = WheelMember("nudenet", "3.4.2", "nudenet/320n.onnx")
+
+# Real photographs shipped inside wheels (not downloaded on demand by the package).
+_SKIMAGE = ("scikit-image", "0.26.0")
+PEOPLE_PHOTOS = (
+    WheelMember(*_SKIMAGE, "skimage/data/astronaut.png"),
+    WheelMember(*_SKIMAGE, "skimage/data/camera.png"),
+    WheelMember("matplotlib", "3.11.2", "matplotlib/mpl-data/sample_data/grace_hopper.jpg"),
+)
+SCENE_PHOTOS = tuple(
+    WheelMember(*_SKIMAGE, f"skimage/data/{name}")
+    for name in ("coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "brick.png", "grass.png", "hubble_deep_field.jpg", "coins.png")
+)
 
 
 def fetch(member: WheelMember) -> Path:
@@ -126,10 +141,11 @@ def minilm_feeds(count: int, model: onnx.ModelProto | None = None) -> list[Feed]
     return feeds[:count]
 
 
-def sentence_snippets(count: int, max_chars: int = OCR_MAX_CHARS) -> list[str]:
-    """Short lines of real English text: the first words (up to `max_chars`) of the MiniLM sentences."""
+def sentence_snippets(count: int, max_chars: int = OCR_MAX_CHARS, start: int = 0) -> list[str]:
+    """Short lines of real English text: the first words (up to `max_chars`) of the MiniLM sentences
+    start .. start + count - 1."""
     with np.load(MINILM_SENTENCES, allow_pickle=False) as npz:
-        texts = [str(t) for t in npz["text"][:count]]
+        texts = [str(t) for t in npz["text"][start : start + count]]
     return [_first_words(t, max_chars) for t in texts]
 
 
@@ -195,3 +211,62 @@ def yolov8n_feeds(count: int, seed: int = 0) -> list[Feed]:
     """Synthetic scenes, one per feed, input `images` [1, 3, 320, 320]."""
     rng = np.random.default_rng(seed)
     return [{"images": synthetic_scene(rng)[None]} for _ in range(count)]
+
+
+def _photo(member: WheelMember):
+    """A cached wheel photo as an RGB Pillow image."""
+    from PIL import Image
+
+    with Image.open(fetch(member)) as image:
+        return image.convert("RGB")
+
+
+def letterbox(image, size: int = YOLO_SIZE) -> np.ndarray:
+    """nudenet's preprocessing: pad to a square with black on the right/bottom, resize to `size`,
+    [3, size, size] float32 in [0, 1]."""
+    from PIL import Image
+
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), "black")
+    square.paste(image, (0, 0))
+    pixels = np.asarray(square.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    return pixels.transpose(2, 0, 1).copy()
+
+
+def _random_crop(image, rng: np.random.Generator, smallest: float):
+    """A random crop keeping at least `smallest` of each side, mirrored half of the time."""
+    from PIL import ImageOps
+
+    w, h = image.size
+    cw, ch = (max(1, round(d * rng.uniform(smallest, 1.0))) for d in (w, h))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = image.crop((x, y, x + cw, y + ch))
+    return ImageOps.mirror(crop) if rng.random() < 0.5 else crop
+
+
+def _composite(people: list, scenes: list, rng: np.random.Generator):
+    """A real scene (cropped) with two to four people photos (lightly cropped) pasted on it at random
+    scales and places."""
+    background = _random_crop(scenes[rng.integers(len(scenes))], rng, 0.6).resize((480, 480))
+    for _ in range(int(rng.integers(2, 5))):
+        person = _random_crop(people[rng.integers(len(people))], rng, 0.85)
+        scale = rng.uniform(0.25, 0.6) * 480 / max(person.size)
+        person = person.resize((max(1, round(person.width * scale)), max(1, round(person.height * scale))))
+        x, y = (int(rng.integers(0, 480 - d + 1)) for d in person.size)
+        background.paste(person, (x, y))
+    return background
+
+
+def photo_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """`count` distinct images, input `images` [1, 3, 320, 320]: alternately one people photo (cropped,
+    mirrored, non-square so the letterbox pads) and a composite of people photos on a real scene."""
+    rng = np.random.default_rng(seed)
+    people, scenes = [_photo(m) for m in PEOPLE_PHOTOS], [_photo(m) for m in SCENE_PHOTOS]
+    feeds = []
+    for i in range(count):
+        if i % 2 == 0:
+            image = _random_crop(people[(i // 2) % len(people)], rng, 0.6)
+        else:
+            image = _composite(people, scenes, rng)
+        feeds.append({"images": letterbox(image)[None]})
+    return feeds

@@ -21,9 +21,10 @@ from graphopt import runtime
 from graphopt.activations import ActivationCache
 from graphopt.errors import UserError
 from graphopt.passes_base import Pass, PassContext, make_pass, presets
-from graphopt.pipeline import Budget, Pipeline
+from graphopt.pipeline import Pipeline
 from graphopt.report import Report
 from graphopt.runtime import RuntimeSettings
+from graphopt.validate import Budget
 
 Metric = Callable[[list[dict[str, np.ndarray]], list[np.ndarray]], float]
 
@@ -108,8 +109,17 @@ def optimize(
     else:
         calibration = validation = used
     settings = RuntimeSettings(level="disable_all")
-    ctx = PassContext(calibration=calibration.feeds, validation=validation.feeds, activations=ActivationCache(calibration.feeds, settings), threads=threads)
-    pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget or Budget(), strict=strict, rounding_floor=rounding_floor)
+    budget = budget or Budget()
+    ctx = PassContext(
+        calibration=calibration.feeds,
+        validation=validation.feeds,
+        activations=ActivationCache(calibration.feeds, settings),
+        threads=threads,
+        budget=budget,
+        calibration_labels=calibration.labels,
+        validation_labels=validation.labels,
+    )
+    pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget, strict=strict, rounding_floor=rounding_floor)
     label = f"{len(validation.feeds)} validation feeds from {used.source}"
     optimized, report = pipeline.run(model, ctx, label)
     if metric is not None and validation.labels is not None:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx
 
+from graphopt import bench, runtime
+from graphopt.bench import Timing
 from graphopt.errors import PassError, UserError
+from graphopt.runtime import RuntimeSettings
+from graphopt.validate import Budget
+
+VALIDATION_SETTINGS = RuntimeSettings(level="disable_all")
 
 if TYPE_CHECKING:
     from graphopt.activations import ActivationCache
@@ -24,27 +32,57 @@ if TYPE_CHECKING:
 @dataclass
 class PassResult:
     """What a pass did. `counts` feed the report (nodes_removed, bytes_saved, ...); `refused` lists
-    rewrites that matched a pattern but were not made, each with the reason."""
+    rewrites that matched a pattern but were not made, each with the reason; `details` carries anything
+    else the report should show (JSON-able: nodes kept float and why, calibration ranges, formats chosen);
+    `notes` are sentences for the report (an opset upgrade, a decision taken by measurement)."""
 
     changed: bool
     counts: dict[str, int | float] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class PassContext:
     """Built once per pipeline run and handed to every pass.
 
-    calibration: feeds a pass may learn from (statistics, shapes).
+    calibration: feeds a pass may learn from (statistics, shapes, its own fidelity checks).
     validation: feeds the pipeline checks fidelity on; passes must not tune on them.
     activations: cache of activation statistics and observed shapes, shared between passes.
     threads: intra-op threads of the target onnxruntime settings (0 = onnxruntime's default).
+    budget: what lossy passes may cost (fidelity floors or a task metric), see graphopt.validate.Budget.
+    calibration_labels / validation_labels: the feeds' labels, when the data has them (for a metric budget).
+    bench_rounds, timer: how latency is measured (`latency`); tests inject a stub timer.
+    decisions: what a pass measured once and later passes of the same run may reuse (e.g. whether
+    uint8 or int8 activations run faster on this CPU), by a key the pass chooses.
     """
 
     calibration: list[Feed]
     validation: list[Feed]
     activations: ActivationCache
     threads: int = 0
+    budget: Budget = field(default_factory=lambda: Budget())
+    calibration_labels: list | None = None
+    validation_labels: list | None = None
+    bench_rounds: int = 30
+    timer: Callable[[], float] = time.perf_counter
+    decisions: dict[str, Any] = field(default_factory=dict)
+
+    def outputs(self, model: onnx.ModelProto, feeds: list[Feed] | None = None) -> list[dict]:
+        """`model`'s outputs on the calibration feeds (or `feeds`), run as the pipeline validates."""
+        return runtime.run_all(model, self.calibration if feeds is None else feeds, VALIDATION_SETTINGS, what="the candidate model")
+
+    def budget_problem(self, reference: list[dict], model: onnx.ModelProto) -> str | None:
+        """Why `model` breaks the budget against `reference` (outputs on the calibration feeds), or None.
+        Passes use this to back off before the pipeline checks the held-out validation feeds."""
+        return self.budget.violation(reference, self.outputs(model), self.calibration_labels)
+
+    def latency(self, models: list[tuple[str, onnx.ModelProto]]) -> list[Timing]:
+        """Interleaved timings of `models` at the target settings (all optimizations, `threads`);
+        ratios are relative to the first model."""
+        feeds = self.calibration[:4] or self.validation[:4]
+        return bench.bench(models, feeds, threads=self.threads, rounds=self.bench_rounds, timer=self.timer)
 
 
 class Pass:
@@ -53,6 +91,8 @@ class Pass:
     name: ClassVar[str]
     description: ClassVar[str]
     lossless: ClassVar[bool]
+    # "speed": the pipeline keeps the pass only if the model got faster; "size": only if it got no slower
+    claims: ClassVar[str] = ""
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError

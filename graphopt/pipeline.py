@@ -20,29 +20,18 @@ from graphopt import model as model_io
 from graphopt import runtime, validate
 from graphopt.errors import PassError, UserError
 from graphopt.graph import copy_model, serialized
+from graphopt.passes_base import VALIDATION_SETTINGS as VALIDATION
 from graphopt.passes_base import Pass, PassContext
 from graphopt.report import ModelStats, PassRecord, Report
 from graphopt.runtime import RuntimeSettings
+from graphopt.validate import Budget
 
-VALIDATION = RuntimeSettings(level="disable_all")
-
-
-@dataclass
-class Budget:
-    """What a lossy pass may cost, measured against the original model on the validation feeds."""
-
-    min_cosine: float = 0.99
-    min_top1: float = 0.99
-
-    def violation(self, diffs: dict[str, validate.OutputDiff]) -> str | None:
-        for name, d in diffs.items():
-            if d.shape_mismatch:
-                return f"output {name!r}: {d.shape_mismatch}"
-            if d.cosine is not None and d.cosine < self.min_cosine:
-                return f"output {name!r}: cosine {d.cosine:.4f} < {self.min_cosine}"
-            if d.top1 is not None and d.top1 < self.min_top1:
-                return f"output {name!r}: top-1 agreement {d.top1:.4f} < {self.min_top1}"
-        return None
+# Latency guard (passes whose `claims` is "speed" or "size"): the candidate is timed against the pass's
+# input, interleaved, at the target settings. A speed claim must beat the input by this much (a smaller
+# margin is within the noise of a 30-round median on a busy 2-core machine); a size claim may not be
+# slower by more than the noise.
+SPEED_RATIO = 0.97
+SIZE_RATIO = 1.03
 
 
 @dataclass
@@ -120,6 +109,7 @@ class Pipeline:
             return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None
         record.seconds = time.perf_counter() - t0
         record.counts, record.refused = dict(result.counts), list(result.refused)
+        record.details, record.notes = dict(result.details), list(result.notes)
         if not result.changed:
             return record, None
         t1 = time.perf_counter()
@@ -140,7 +130,9 @@ class Pipeline:
                 if problem and floors is not None:
                     problem = validate.lossless_violation(diffs, current.outputs, self.rtol, self.atol, floors.get())
             else:
-                problem = self.budget.violation(validate.compare(original, outputs))
+                problem = self.budget.violation(original, outputs, ctx.validation_labels)
+        if problem is None and p.claims:
+            problem = self._latency_problem(p, record, current.model, blob if blob is not None else candidate, ctx)
         if problem is None and check_deployable:
             problem = _deployment_problem(blob if blob is not None else candidate)
         record.validate_seconds = time.perf_counter() - t1
@@ -149,6 +141,18 @@ class Pipeline:
             return record, None
         record.status, record.after = "applied", stats
         return record, _Accepted(candidate, outputs, stats)
+
+    @staticmethod
+    def _latency_problem(p: Pass, record: PassRecord, before: onnx.ModelProto, after, ctx: PassContext) -> str | None:
+        """Time the candidate against the pass's input; a reason to roll back, or None."""
+        timings = ctx.latency([("before", before), (f"after {p.name}", after)])
+        record.latency_ms = (timings[0].median_ms, timings[1].median_ms)
+        ratio = timings[1].ratio
+        limit = SPEED_RATIO if p.claims == "speed" else SIZE_RATIO
+        if ratio > limit:
+            verdict = "not faster" if p.claims == "speed" else "slower"
+            return f"{verdict}: latency ratio {ratio:.3f} (median {timings[1].median_ms:.3f} ms vs {timings[0].median_ms:.3f} ms; must be <= {limit})"
+        return None
 
     @staticmethod
     def _failed(record: PassRecord, t0: float, reason: str) -> PassRecord:

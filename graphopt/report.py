@@ -38,6 +38,9 @@ class PassRecord:
     counts: dict = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    latency_ms: tuple[float, float] | None = None  # (before, after) medians, for passes that claim speed or size
 
 
 @dataclass

@@ -33,6 +33,7 @@ class RuntimeSettings:
     spinning: bool = True
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     optimized_model_path: str | None = None
+    profile_prefix: str | None = None  # turns on onnxruntime's profiler; its JSON goes to this prefix
 
 
 def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> ort.InferenceSession:
@@ -48,6 +49,9 @@ def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = Ru
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if settings.optimized_model_path:
         opts.optimized_model_filepath = settings.optimized_model_path
+    if settings.profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = settings.profile_prefix
     try:
         if isinstance(model, onnx.ModelProto):
             blob = serialized(model)

@@ -18,9 +18,12 @@ softmax, 3.2e-5 on MiniLM's hidden state), and a real bug differs by orders of m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from graphopt.errors import UserError
 
 LOSSLESS_RTOL = 1e-5
 LOSSLESS_ATOL = 1e-6
@@ -182,3 +185,82 @@ def worst(diffs: dict[str, OutputDiff]) -> tuple[float, float]:
     if not diffs:
         return 0.0, 0.0
     return max(d.max_abs for d in diffs.values()), max(d.max_rel for d in diffs.values())
+
+
+FIDELITY_KEYS = ("cosine", "top1", "rel")
+
+
+@dataclass
+class Budget:
+    """What a lossy pass may cost, judged against the original model's outputs on the same feeds.
+
+    Fidelity floors apply per output: `min_cosine` (lowest per-feed cosine), `min_top1` (argmax agreement,
+    for outputs that look like class scores) and `max_rel` (max abs error / output scale; off by default),
+    with `per_output` overriding them by output name ({"logits": {"top1": 0.995}}). Integer and bool
+    outputs must agree exactly on at least `min_top1` of their elements. With a `metric(outputs, labels)`
+    (higher is better) and labelled feeds, the floors are replaced by: the metric may drop by at most
+    `max_drop` from the original's value."""
+
+    min_cosine: float = 0.99
+    min_top1: float = 0.99
+    max_rel: float | None = None
+    per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+    metric: Callable[[list[dict[str, np.ndarray]], list[np.ndarray]], float] | None = None
+    max_drop: float = 0.01
+
+    def floors(self, name: str) -> dict[str, float | None]:
+        base = {"cosine": self.min_cosine, "top1": self.min_top1, "rel": self.max_rel}
+        base.update(self.per_output.get(name, {}))
+        return base
+
+    def violation(self, reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], labels: list[np.ndarray] | None = None) -> str | None:
+        """None when `candidate` is within budget of `reference`, else a sentence naming output and numbers."""
+        diffs = compare(reference, candidate)
+        for name, d in diffs.items():
+            if d.shape_mismatch:
+                return f"output {name!r}: {d.shape_mismatch}"
+        if self.metric is not None and labels is not None:
+            before, after = self.metric(reference, labels), self.metric(candidate, labels)
+            if after < before - self.max_drop:
+                return f"metric {getattr(self.metric, '__name__', 'metric')} dropped from {before:.4f} to {after:.4f} (allowed drop {self.max_drop})"
+            return None
+        for name, d in diffs.items():
+            floors = self.floors(name)
+            if d.exact_kind:
+                agreement = _exact_agreement(reference, candidate, name)
+                if floors["top1"] is not None and agreement < floors["top1"]:
+                    return f"output {name!r} (integer/bool): {agreement:.4f} of elements agree < {floors['top1']}"
+                continue
+            if floors["cosine"] is not None and d.cosine is not None and not d.cosine >= floors["cosine"]:
+                return f"output {name!r}: cosine {d.cosine:.4f} < {floors['cosine']}"
+            if floors["top1"] is not None and d.top1 is not None and not d.top1 >= floors["top1"]:
+                return f"output {name!r}: top-1 agreement {d.top1:.4f} < {floors['top1']}"
+            if floors["rel"] is not None and not d.max_rel <= floors["rel"]:
+                return f"output {name!r}: relative error {d.max_rel:.4g} > {floors['rel']}"
+        return None
+
+
+def parse_fidelity(text: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """`"cosine=0.995,top1=0.98,logits:rel=0.05"` -> (global floors, per-output floors)."""
+    overall: dict[str, float] = {}
+    per_output: dict[str, dict[str, float]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        output, _, key = key.rpartition(":")
+        if not sep or key not in FIDELITY_KEYS:
+            raise UserError(f"--min-fidelity item {item!r}: expected [OUTPUT:]KEY=VALUE with KEY one of {', '.join(FIDELITY_KEYS)}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UserError(f"--min-fidelity item {item!r}: {value!r} is not a number") from None
+        (per_output.setdefault(output, {}) if output else overall)[key] = number
+    return overall, per_output
+
+
+def _exact_agreement(reference: list[dict], candidate: list[dict], name: str) -> float:
+    agree = total = 0
+    for r, c in zip(reference, candidate):
+        for a, b in zip(_parts(r[name]), _parts(c[name])):
+            agree += int(np.sum(a == b))
+            total += a.size
+    return agree / total if total else 1.0

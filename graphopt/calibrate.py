@@ -1,0 +1,258 @@
+"""Activation statistics for quantization: streamed histograms and the float range to quantize to.
+
+`collect` runs the model one feed at a time (through `graphopt.activations.intermediates`) and folds each
+chosen tensor into a `TensorStats`: running min/max and a histogram; the activations themselves are dropped
+after each feed.
+
+The histogram is signed and centred on zero: `bins` bins on each side over [-R, R], with R a power of two
+(the smallest above the largest |x| seen) and `bins` a power of two too. When a later feed goes past R, R
+doubles as often as needed and every old bin falls wholly inside one new bin (0 stays an edge and the new
+edges are a subset of the old ones), so the re-binned counts are exactly those a single pass over all the
+data at the final R would give. Bin indices are floor(x * bins / R): a scale by a power of two, so exact.
+NaN and +-inf values are ignored (neither counted nor in min/max).
+
+Range methods (all return (lo, hi) with lo <= 0 <= hi, so zero is exactly representable):
+  minmax      the observed min and max
+  percentile  asymmetric: the (100 - p)th and pth percentiles of x; symmetric: the pth percentile of |x|
+  entropy     the clipping window whose quantized histogram is closest in KL divergence to the clipped one
+              (the TensorRT method): reference = the bins inside the window with the outside counts folded
+              into the end bins; candidate = the same bins merged into 2**bits groups (2**(bits-1) on the |x|
+              histogram when symmetric), each group's count spread over its non-empty bins
+  mse         the clipping window minimizing the expected squared error: step**2 / 12 for every value inside,
+              the squared distance to the window's edge for every value outside (bin centres)
+Entropy and mse search one threshold t over the bin edges; symmetric windows are [-t, t], asymmetric ones
+[max(min, -t), min(max, t)], so a one-sided tensor (after Relu) gets a one-sided window with all the levels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from graphopt.activations import intermediates
+from graphopt.runtime import RuntimeSettings
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+class TensorStats:
+    """Running min/max and a histogram of one tensor, merged feed by feed."""
+
+    def __init__(self, bins: int = 2048):
+        if bins < 1 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two (so that re-binning is exact), got {bins}")
+        self.bins = bins  # per side
+        self.minimum = float("inf")
+        self.maximum = float("-inf")
+        self.count = 0
+        self.limit = 0.0  # R: the histogram covers [-R, R]; 0 until a non-zero value is seen
+        self.counts = np.zeros(2 * bins, dtype=np.int64)
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The 2 * bins + 1 bin edges (all zero before any non-zero value was seen)."""
+        return np.linspace(-self.limit, self.limit, 2 * self.bins + 1)
+
+    def update(self, values: np.ndarray) -> None:
+        """Fold a batch of values in (any shape; NaN and inf are ignored)."""
+        x = np.asarray(values)
+        x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False).ravel()
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        self.minimum, self.maximum = min(self.minimum, lo), max(self.maximum, hi)
+        self.count += x.size
+        self._widen(max(-lo, hi))
+        if self.limit == 0.0:  # all zeros so far: they are kept in the bin just above 0
+            self.counts[self.bins] += x.size
+            return
+        y = x * (self.bins / self.limit)
+        np.floor(y, out=y)
+        y += self.bins
+        np.clip(y, 0, 2 * self.bins - 1, out=y)
+        self.counts += np.bincount(y.astype(np.intp), minlength=2 * self.bins)
+
+    def merge(self, other: TensorStats) -> None:
+        """Add another TensorStats (same `bins`) into this one."""
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge histograms of {other.bins} and {self.bins} bins")
+        if other.count == 0:
+            return
+        self._widen(other.limit)
+        theirs = _rebinned(other.counts, other.limit, self.limit) if other.limit else other.counts
+        self.counts += theirs
+        self.minimum, self.maximum = min(self.minimum, other.minimum), max(self.maximum, other.maximum)
+        self.count += other.count
+
+    def _widen(self, amax: float) -> None:
+        """Grow R (by powers of two) until it exceeds `amax`, re-binning the counts."""
+        if amax <= self.limit or amax == 0.0:
+            return
+        limit = float(np.ldexp(1.0, np.frexp(amax)[1]))  # the smallest power of two > amax
+        if self.limit:
+            self.counts = _rebinned(self.counts, self.limit, limit)
+        self.limit = limit
+
+    def range(self, method: str = "minmax", *, percentile: float = 99.999, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
+        """The float range (lo, hi) to quantize to; lo <= 0 <= hi. (0, 0) when nothing was observed."""
+        if method not in METHODS:
+            raise ValueError(f"unknown range method {method!r}; choose one of {', '.join(METHODS)}")
+        if self.count == 0:
+            return 0.0, 0.0
+        lo, hi = min(self.minimum, 0.0), max(self.maximum, 0.0)
+        if method == "minmax" or self.limit == 0.0:
+            window = (lo, hi)
+        elif method == "percentile":
+            window = self._percentile_window(percentile, symmetric)
+        else:
+            window = self._search(method, bits, symmetric)
+        lo, hi = min(window[0], 0.0), max(window[1], 0.0)
+        if symmetric:
+            t = max(-lo, hi)
+            return -t, t
+        return lo, hi
+
+    def _percentile_window(self, p: float, symmetric: bool) -> tuple[float, float]:
+        if not 0.0 < p <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {p}")
+        if symmetric:
+            t = min(_quantile(self._abs_counts(), self.limit / self.bins, p / 100.0), max(-self.minimum, self.maximum))
+            return -t, t
+        width = self.limit / self.bins
+        lo = _quantile(self.counts, width, 1.0 - p / 100.0) - self.limit
+        hi = _quantile(self.counts, width, p / 100.0) - self.limit
+        return max(lo, self.minimum), min(hi, self.maximum)
+
+    def _abs_counts(self) -> np.ndarray:
+        """Histogram of |x| over [0, R] with `bins` bins (the two sides folded onto each other)."""
+        return self.counts[self.bins:] + self.counts[: self.bins][::-1]
+
+    def _search(self, method: str, bits: int, symmetric: bool) -> tuple[float, float]:
+        """Entropy or mse: the best window over thresholds t = i * width, i = 1 .. (last non-empty |x| bin)."""
+        width = self.limit / self.bins
+        nonzero = np.flatnonzero(self.counts)
+        below = self.bins - nonzero[0] if nonzero[0] < self.bins else 0  # bins used on the negative side
+        above = nonzero[-1] + 1 - self.bins if nonzero[-1] >= self.bins else 0
+        i = np.arange(1, max(below, above) + 1)
+        if symmetric:
+            hist, start, stop, origin = self._abs_counts(), np.zeros_like(i), i, 0
+        else:
+            hist, start, stop, origin = self.counts, self.bins - np.minimum(i, below), self.bins + np.minimum(i, above), self.bins
+        if method == "entropy":
+            levels = 2 ** (bits - 1) if symmetric else 2**bits
+            cost = _kl_divergences(hist, start, stop, levels)
+        else:
+            cost = _squared_errors(hist, start, stop, origin, width, 2**bits - 1, symmetric)
+        if not np.isfinite(cost).any():  # too few bins to clip at all
+            return min(self.minimum, 0.0), max(self.maximum, 0.0)
+        k = int(np.argmin(cost))
+        if symmetric:
+            return -stop[k] * width, stop[k] * width
+        return max((start[k] - origin) * width, self.minimum), min((stop[k] - origin) * width, self.maximum)
+
+
+def _rebinned(counts: np.ndarray, limit: float, new_limit: float) -> np.ndarray:
+    """Counts of a [-limit, limit] histogram moved onto the [-new_limit, new_limit] grid of the same
+    bin count (new_limit / limit a power of two: old bins nest in new ones)."""
+    half = counts.size // 2
+    factor = int(round(new_limit / limit))
+    target = (np.arange(counts.size) - half) // factor + half
+    return np.bincount(target, weights=counts, minlength=counts.size).astype(np.int64)
+
+
+def _quantile(counts: np.ndarray, width: float, q: float) -> float:
+    """The q-quantile of a histogram whose first bin starts at 0, interpolated linearly inside the bin."""
+    cum = np.cumsum(counts)
+    target = q * cum[-1]
+    k = min(int(np.searchsorted(cum, target, side="left")), counts.size - 1)
+    before = cum[k - 1] if k else 0
+    inside = (target - before) / counts[k] if counts[k] else 0.0
+    return (k + inside) * width
+
+
+def _kl_divergences(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, levels: int) -> np.ndarray:
+    """KL(P || Q) for each window [start, stop) of bins (inf for windows narrower than `levels` bins).
+
+    P: the window's counts with everything left of it added to its first bin and right of it to its last.
+    Q: the window's own counts merged into `levels` groups of (nearly) equal bin counts, each group's total
+    spread evenly over the bins where P is non-zero. Computed for all windows at once from cumulative sums.
+    """
+    h = hist.astype(np.float64)
+    total = h.sum()
+    cum = np.concatenate([[0.0], np.cumsum(h)])
+    nonempty = np.concatenate([[0], np.cumsum(h > 0)])
+    hlogh = np.concatenate([[0.0], np.cumsum(np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0))])
+    ok = stop - start >= levels
+    start, stop = start[ok], stop[ok]
+    result = np.full(ok.shape, np.inf)
+    if not ok.any():
+        return result
+    left, right = cum[start], total - cum[stop]
+    first, last = h[start], h[stop - 1]
+    # sum over P of p log p, with the end bins replaced by their folded values
+    inner = hlogh[stop] - hlogh[start] - _xlogx(first) - _xlogx(last)
+    p_first, p_last = first + left, last + right
+    plogp = inner + _xlogx(p_first) + _xlogx(p_last)
+    # group boundaries: bounds[w, g] for g = 0 .. levels
+    g = np.arange(levels + 1)
+    bounds = start[:, None] + ((stop - start)[:, None] * g[None, :]) // levels
+    group_q = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
+    group_n = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]
+    # P's mass per group and its non-empty bins: the end bins may be non-empty through folding alone
+    group_p = group_q.copy()
+    group_p[:, 0] += left
+    group_p[:, -1] += right
+    group_n[:, 0] += ((first == 0) & (left > 0)).astype(np.int64)
+    group_n[:, -1] += ((last == 0) & (right > 0)).astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_bin = np.where(group_n > 0, group_q / np.maximum(group_n, 1), 0.0)
+        cross = np.where(group_p > 0, group_p * np.log(per_bin), 0.0)
+        sum_q = cum[stop] - cum[start]
+        kl = (plogp - cross.sum(axis=1)) / total - np.log(total) + np.log(sum_q)
+    result[ok] = np.where(np.isfinite(kl), kl, np.inf)
+    return result
+
+
+def _xlogx(v: np.ndarray) -> np.ndarray:
+    return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
+
+
+def _squared_errors(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, origin: int, width: float, steps: int, symmetric: bool) -> np.ndarray:
+    """Expected squared error (summed over values) of quantizing to each window [start, stop) of bins
+    with `steps` steps: step**2 / 12 for the values inside, squared distance to the nearest window edge
+    (from the bin centre) for those outside."""
+    h = hist.astype(np.float64)
+    centres = (np.arange(h.size) - origin + 0.5) * width
+    cum = [np.concatenate([[0.0], np.cumsum(h * centres**k)]) for k in range(3)]  # sums of h, h c, h c^2
+    lo, hi = (start - origin) * width, (stop - origin) * width
+    span = 2 * hi if symmetric else hi - lo
+    inside = cum[0][stop] - cum[0][start]
+    error = inside * (span / steps) ** 2 / 12.0
+    # right of the window: sum h (c - hi)^2 ; left: sum h (c - lo)^2
+    for edge, a, b in ((hi, stop, h.size), (lo, 0, start)):
+        n, s1, s2 = (c[b] - c[a] for c in cum)
+        error += s2 - 2 * edge * s1 + edge**2 * n
+    return error
+
+
+def collect(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], settings: RuntimeSettings = RuntimeSettings(), bins: int = 2048) -> dict[str, TensorStats]:
+    """Statistics of main-graph tensors `names` over `feeds`, streamed through
+    `graphopt.activations.intermediates` one feed at a time; only the histograms are kept.
+    Tensors whose values are not floating point (integers, bools, sequences) get no entry."""
+    stats: dict[str, TensorStats] = {}
+    skipped: set[str] = set()
+    for values in intermediates(model, feeds, list(names), settings):
+        for name, value in values.items():
+            if name in skipped:
+                continue
+            if not (isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating)):
+                skipped.add(name)
+                stats.pop(name, None)
+                continue
+            stats.setdefault(name, TensorStats(bins)).update(value)
+    return stats
