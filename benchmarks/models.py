@@ -45,6 +45,7 @@ MINILM_SENTENCES = SHARED / "data" / "minilm_sentences.npz"
 OCR_HEIGHT = 48
 OCR_WIDTH = 320
 OCR_FONT = "DejaVuSans.ttf"
+OCR_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf")
 OCR_FONT_SIZE = 32
 OCR_MAX_CHARS = 28
 YOLO_SIZE = 320
@@ -158,17 +159,18 @@ def _first_words(text: str, max_chars: int) -> str:
     return line or text[:max_chars]
 
 
-def render_text_lines(texts: list[str], height: int = OCR_HEIGHT, width: int = OCR_WIDTH) -> np.ndarray:
+def render_text_lines(texts: list[str], height: int = OCR_HEIGHT, width: int = OCR_WIDTH, fonts: tuple[str, ...] = (OCR_FONT,)) -> np.ndarray:
     """Black-on-white text lines preprocessed like rapidocr's recognizer: [N, 3, height, width] float32.
 
-    Each line is drawn with DejaVu Sans, resized to `height` keeping its aspect ratio (width capped at
+    Line i is drawn with fonts[i % len(fonts)] (default DejaVu Sans), resized to `height` keeping its aspect ratio (width capped at
     `width`), scaled to (pixel/255 - 0.5)/0.5 and zero-padded on the right. Needs Pillow.
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    font = ImageFont.truetype(OCR_FONT, OCR_FONT_SIZE)
+    faces = [ImageFont.truetype(name, OCR_FONT_SIZE) for name in fonts]
     batch = np.zeros((len(texts), 3, height, width), np.float32)
     for i, text in enumerate(texts):
+        font = faces[i % len(faces)]
         left, top, right, bottom = font.getbbox(text)
         margin = 4
         image = Image.new("RGB", (right - left + 2 * margin, bottom - top + 2 * margin), "white")

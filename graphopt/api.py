@@ -78,6 +78,7 @@ def optimize(
     *,
     preset: str | None = None,
     data: data_mod.FeedSet | str | os.PathLike | list | None = None,
+    val: data_mod.FeedSet | str | os.PathLike | list | None = None,
     shapes: dict[str, list[int]] | None = None,
     batch: int = 1,
     max_feeds: int = 16,
@@ -88,13 +89,16 @@ def optimize(
     fixed_point: bool = True,
     rounding_floor: bool = True,
     strict: bool = False,
+    bench_rounds: int = 30,
 ) -> OptimizeResult:
     """Run passes (default: the `lossless` preset) on a model, validating each with onnxruntime.
 
     `data` gives the feeds (see graphopt.data); without it feeds are synthesized. At most `max_feeds`
     feeds are used. When any pass is lossy the feeds are split: the first half calibrates, the second
-    half (never seen by a pass) validates. `metric(outputs, labels)` is reported before and after when
-    the feeds carry labels. `rounding_floor=False` holds lossless passes to the fixed float tolerance
+    half (never seen by a pass) validates; with `val`, all of `data` calibrates and `val` validates.
+    `budget` is what lossy passes may cost (default: cosine and top-1 agreement >= 0.99 per output).
+    `metric(outputs, labels)` is reported before and after when the feeds carry labels.
+    `bench_rounds` is how many interleaved runs the latency guard times per model. `rounding_floor=False` holds lossless passes to the fixed float tolerance
     even where onnxruntime's own optimizations differ by more (see graphopt.validate).
     """
     if not isinstance(model, onnx.ModelProto):
@@ -104,7 +108,12 @@ def optimize(
     used = data_mod.FeedSet(feeds.feeds[:max_feeds], feeds.labels[:max_feeds] if feeds.labels else None, feeds.source)
     if not used.feeds:
         raise UserError("no feeds to validate on; give --data with at least one sample")
-    if any(not p.lossless for p in pass_list) and len(used.feeds) >= 2:
+    lossy = any(not p.lossless for p in pass_list)
+    if val is not None:
+        held_out = data_mod.feed_set(val, model, shapes=shapes, batch=batch)
+        calibration = used
+        validation = data_mod.FeedSet(held_out.feeds[:max_feeds], held_out.labels[:max_feeds] if held_out.labels else None, held_out.source)
+    elif lossy and len(used.feeds) >= 2:
         calibration, validation = used.split(len(used.feeds) // 2)
     else:
         calibration = validation = used
@@ -118,10 +127,13 @@ def optimize(
         budget=budget,
         calibration_labels=calibration.labels,
         validation_labels=validation.labels,
+        bench_rounds=bench_rounds,
     )
     pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget, strict=strict, rounding_floor=rounding_floor)
-    label = f"{len(validation.feeds)} validation feeds from {used.source}"
+    label = f"{len(validation.feeds)} validation feeds from {validation.source}"
     optimized, report = pipeline.run(model, ctx, label)
+    if lossy and data is None:
+        report.notes.append("lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result")
     if metric is not None and validation.labels is not None:
         before = metric(runtime.run_all(model, validation.feeds, settings), validation.labels)
         after = metric(runtime.run_all(optimized, validation.feeds, settings), validation.labels)

@@ -33,18 +33,21 @@ from graphopt.activations import intermediates
 from graphopt.runtime import RuntimeSettings
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+BINS = 8192  # per side; entropy needs the bulk of a tensor to span more bins than there are levels
+ENTROPY_THRESHOLDS = 1024
 
 
 class TensorStats:
     """Running min/max and a histogram of one tensor, merged feed by feed."""
 
-    def __init__(self, bins: int = 2048):
+    def __init__(self, bins: int = BINS):
         if bins < 1 or bins & (bins - 1):
             raise ValueError(f"bins must be a power of two (so that re-binning is exact), got {bins}")
         self.bins = bins  # per side
         self.minimum = float("inf")
         self.maximum = float("-inf")
         self.count = 0
+        self.zeros = 0  # exact zeros are counted apart: they are exact in every range, so they never err
         self.limit = 0.0  # R: the histogram covers [-R, R]; 0 until a non-zero value is seen
         self.counts = np.zeros(2 * bins, dtype=np.int64)
 
@@ -68,14 +71,16 @@ class TensorStats:
         self.minimum, self.maximum = min(self.minimum, lo), max(self.maximum, hi)
         self.count += x.size
         self._widen(max(-lo, hi))
-        if self.limit == 0.0:  # all zeros so far: they are kept in the bin just above 0
-            self.counts[self.bins] += x.size
+        zeros = x.size - np.count_nonzero(x)
+        self.zeros += zeros
+        if self.limit == 0.0:
             return
         y = x * (self.bins / self.limit)
         np.floor(y, out=y)
         y += self.bins
         np.clip(y, 0, 2 * self.bins - 1, out=y)
         self.counts += np.bincount(y.astype(np.intp), minlength=2 * self.bins)
+        self.counts[self.bins] -= zeros
 
     def merge(self, other: TensorStats) -> None:
         """Add another TensorStats (same `bins`) into this one."""
@@ -88,6 +93,7 @@ class TensorStats:
         self.counts += theirs
         self.minimum, self.maximum = min(self.minimum, other.minimum), max(self.maximum, other.maximum)
         self.count += other.count
+        self.zeros += other.zeros
 
     def _widen(self, amax: float) -> None:
         """Grow R (by powers of two) until it exceeds `amax`, re-binning the counts."""
@@ -105,7 +111,7 @@ class TensorStats:
         if self.count == 0:
             return 0.0, 0.0
         lo, hi = min(self.minimum, 0.0), max(self.maximum, 0.0)
-        if method == "minmax" or self.limit == 0.0:
+        if method == "minmax" or self.count == self.zeros:
             window = (lo, hi)
         elif method == "percentile":
             window = self._percentile_window(percentile, symmetric)
@@ -120,27 +126,29 @@ class TensorStats:
     def _percentile_window(self, p: float, symmetric: bool) -> tuple[float, float]:
         if not 0.0 < p <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {p}")
-        if symmetric:
-            t = min(_quantile(self._abs_counts(), self.limit / self.bins, p / 100.0), max(-self.minimum, self.maximum))
-            return -t, t
+        counts = self.counts.copy()
+        counts[self.bins] += self.zeros
         width = self.limit / self.bins
-        lo = _quantile(self.counts, width, 1.0 - p / 100.0) - self.limit
-        hi = _quantile(self.counts, width, p / 100.0) - self.limit
+        if symmetric:
+            t = min(_quantile(_folded(counts), width, p / 100.0), max(-self.minimum, self.maximum))
+            return -t, t
+        lo = _quantile(counts, width, 1.0 - p / 100.0) - self.limit
+        hi = _quantile(counts, width, p / 100.0) - self.limit
         return max(lo, self.minimum), min(hi, self.maximum)
 
-    def _abs_counts(self) -> np.ndarray:
-        """Histogram of |x| over [0, R] with `bins` bins (the two sides folded onto each other)."""
-        return self.counts[self.bins:] + self.counts[: self.bins][::-1]
-
     def _search(self, method: str, bits: int, symmetric: bool) -> tuple[float, float]:
-        """Entropy or mse: the best window over thresholds t = i * width, i = 1 .. (last non-empty |x| bin)."""
+        """Entropy or mse: the best window over thresholds t = i * width, i = 1 .. (last non-empty |x| bin).
+        Entropy costs O(levels) per threshold, so it tries at most ENTROPY_THRESHOLDS of them, evenly spaced
+        down from the widest (the divergences themselves still use every bin)."""
         width = self.limit / self.bins
         nonzero = np.flatnonzero(self.counts)
         below = self.bins - nonzero[0] if nonzero[0] < self.bins else 0  # bins used on the negative side
         above = nonzero[-1] + 1 - self.bins if nonzero[-1] >= self.bins else 0
         i = np.arange(1, max(below, above) + 1)
+        if method == "entropy":
+            i = i[::-(-(-i.size // ENTROPY_THRESHOLDS))][::-1]
         if symmetric:
-            hist, start, stop, origin = self._abs_counts(), np.zeros_like(i), i, 0
+            hist, start, stop, origin = _folded(self.counts), np.zeros_like(i), i, 0
         else:
             hist, start, stop, origin = self.counts, self.bins - np.minimum(i, below), self.bins + np.minimum(i, above), self.bins
         if method == "entropy":
@@ -150,10 +158,16 @@ class TensorStats:
             cost = _squared_errors(hist, start, stop, origin, width, 2**bits - 1, symmetric)
         if not np.isfinite(cost).any():  # too few bins to clip at all
             return min(self.minimum, 0.0), max(self.maximum, 0.0)
-        k = int(np.argmin(cost))
+        k = int(np.flatnonzero(cost <= cost.min() + 1e-9 * max(1.0, abs(cost.min())))[0])  # ties: the narrowest
         if symmetric:
             return -stop[k] * width, stop[k] * width
         return max((start[k] - origin) * width, self.minimum), min((stop[k] - origin) * width, self.maximum)
+
+
+def _folded(counts: np.ndarray) -> np.ndarray:
+    """Histogram of |x| over [0, R] from the signed one over [-R, R] (the two sides added)."""
+    half = counts.size // 2
+    return counts[half:] + counts[:half][::-1]
 
 
 def _rebinned(counts: np.ndarray, limit: float, new_limit: float) -> np.ndarray:
@@ -186,7 +200,7 @@ def _kl_divergences(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, level
     total = h.sum()
     cum = np.concatenate([[0.0], np.cumsum(h)])
     nonempty = np.concatenate([[0], np.cumsum(h > 0)])
-    hlogh = np.concatenate([[0.0], np.cumsum(np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0))])
+    hlogh = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
     ok = stop - start >= levels
     start, stop = start[ok], stop[ok]
     result = np.full(ok.shape, np.inf)
@@ -201,20 +215,21 @@ def _kl_divergences(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, level
     # group boundaries: bounds[w, g] for g = 0 .. levels
     g = np.arange(levels + 1)
     bounds = start[:, None] + ((stop - start)[:, None] * g[None, :]) // levels
-    group_q = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
-    group_n = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]
+    group_q = np.diff(cum[bounds], axis=1)
+    group_n = np.diff(nonempty[bounds], axis=1)
     # P's mass per group and its non-empty bins: the end bins may be non-empty through folding alone
     group_p = group_q.copy()
     group_p[:, 0] += left
     group_p[:, -1] += right
-    group_n[:, 0] += ((first == 0) & (left > 0)).astype(np.int64)
-    group_n[:, -1] += ((last == 0) & (right > 0)).astype(np.int64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_bin = np.where(group_n > 0, group_q / np.maximum(group_n, 1), 0.0)
-        cross = np.where(group_p > 0, group_p * np.log(per_bin), 0.0)
-        sum_q = cum[stop] - cum[start]
-        kl = (plogp - cross.sum(axis=1)) / total - np.log(total) + np.log(sum_q)
-    result[ok] = np.where(np.isfinite(kl), kl, np.inf)
+    group_n[:, 0] += (first == 0) & (left > 0)
+    group_n[:, -1] += (last == 0) & (right > 0)
+    # sum over groups of P's mass times log(Q per bin); a group P needs but Q left empty makes KL infinite
+    impossible = ((group_q == 0) & (group_p > 0)).any(axis=1)
+    per_bin = group_q / np.maximum(group_n, 1)
+    logs = np.log(per_bin, out=np.zeros_like(per_bin), where=group_q > 0)
+    cross = np.einsum("wg,wg->w", group_p, logs)
+    kl = (plogp - cross) / total - np.log(total) + np.log(cum[stop] - cum[start])
+    result[ok] = np.where(impossible, np.inf, kl)
     return result
 
 
@@ -240,7 +255,7 @@ def _squared_errors(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, origi
     return error
 
 
-def collect(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], settings: RuntimeSettings = RuntimeSettings(), bins: int = 2048) -> dict[str, TensorStats]:
+def collect(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], settings: RuntimeSettings = RuntimeSettings(), bins: int = BINS) -> dict[str, TensorStats]:
     """Statistics of main-graph tensors `names` over `feeds`, streamed through
     `graphopt.activations.intermediates` one feed at a time; only the histograms are kept.
     Tensors whose values are not floating point (integers, bools, sequences) get no entry."""

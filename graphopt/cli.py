@@ -53,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto", help="auto: external data past 2 GB or when the input used it")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
     p.add_argument("--strict-rounding", action="store_true", help="hold lossless passes to the fixed float tolerance even where onnxruntime's own optimizations differ by more")
-    p.add_argument("--metric", help="MODULE:FUNCTION called as f(outputs, labels) -> float, reported before and after; `accuracy` for argmax accuracy")
+    p.add_argument("--metric", help="MODULE:FUNCTION called as f(outputs, labels) -> float (higher is better), reported before and after; `accuracy` for argmax accuracy")
+    p.add_argument("--max-drop", type=float, help="with --metric and labelled feeds: lossy passes may lower the metric by at most this much (replaces the fidelity floors)")
+    p.add_argument("--min-fidelity", default="", help="fidelity floors of lossy passes vs the original, per output: cosine=0.99,top1=0.99,rel=0.05 or OUTPUT:KEY=VALUE (default cosine=0.99,top1=0.99)")
+    p.add_argument("--val", help="held-out validation feeds (.npz or folder); default: the second half of --data")
+    p.add_argument("--latency-rounds", type=int, default=30, help="interleaved runs per model when a pass's speed or size claim is timed (default 30)")
     _feed_args(p)
     p.set_defaults(handler=_optimize)
 
@@ -97,8 +101,21 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
 
 
-def _feeds(args, m) -> data.FeedSet:
-    return data.feed_set(args.data, m, count=8, shapes=data.parse_shapes(args.shape), batch=args.batch, ignore=tuple(args.ignore_array))
+def _feeds(args, m, path: str | None = None) -> data.FeedSet:
+    return data.feed_set(path or args.data, m, count=8, shapes=data.parse_shapes(args.shape), batch=args.batch, ignore=tuple(args.ignore_array))
+
+
+def _budget(args, metric) -> validate.Budget:
+    overall, per_output = validate.parse_fidelity(args.min_fidelity)
+    budget = validate.Budget(per_output=per_output)
+    for key, attr in (("cosine", "min_cosine"), ("top1", "min_top1"), ("rel", "max_rel")):
+        if key in overall:
+            setattr(budget, attr, overall[key])
+    if args.max_drop is not None:
+        if metric is None:
+            raise UserError("--max-drop needs --metric (the task metric whose drop it bounds)")
+        budget.metric, budget.max_drop = metric, args.max_drop
+    return budget
 
 
 def _optimize(args) -> int:
@@ -106,16 +123,20 @@ def _optimize(args) -> int:
     if Path(args.output).exists() and Path(args.output).resolve() == source.resolve() and not args.force:
         raise UserError(f"{args.output} is the input model; choose another output path (or pass --force to overwrite it)")
     m, info = model.load_with_info(source)
+    metric = _metric(args.metric)
     result = api.optimize(
         m,
         passes=args.passes,
         preset=args.preset,
         data=_feeds(args, m),
+        val=_feeds(args, m, args.val) if args.val else None,
         max_feeds=args.max_feeds,
         threads=args.threads,
-        metric=_metric(args.metric),
+        metric=metric,
+        budget=_budget(args, metric),
         fixed_point=not args.no_fixed_point,
         rounding_floor=not args.strict_rounding,
+        bench_rounds=args.latency_rounds,
     )
     external = {"auto": True if info.external_data else None, "yes": True, "no": False}[args.external_data]
     model.save(result.model, args.output, external_data=external, source=source, force=args.force)

@@ -64,7 +64,7 @@ class Report:
 
     def pass_rows(self) -> list[tuple]:
         """Header plus one row per pass run (later rounds only where something changed)."""
-        rows = [("pass", "status", "nodes", "init bytes", "file bytes", "max abs", "max rel", "time s")]
+        rows = [("pass", "status", "nodes", "init bytes", "file bytes", "max abs", "max rel", "latency ms", "time s")]
         for r in self.records:
             if r.status == "no change" and r.round > 1:
                 continue
@@ -78,6 +78,7 @@ class Report:
                     _arrow(r.before.file_bytes, r.after.file_bytes, _size) if r.before and r.after else "",
                     _num(r.max_abs),
                     _num(r.max_rel),
+                    f"{r.latency_ms[0]:.2f} -> {r.latency_ms[1]:.2f}" if r.latency_ms else "",
                     f"{r.seconds + r.validate_seconds:.2f}",
                 )
             )
@@ -103,6 +104,8 @@ class Report:
             lines.append(f"rounding floor (onnxruntime ORT_ENABLE_ALL vs ORT_DISABLE_ALL on the input): {floors}")
         for name, m in self.metrics.items():
             lines.append(f"{name}: {m['before']:.4f} -> {m['after']:.4f}")
+        for r in self.records:
+            lines.extend(_pass_lines(r))
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -111,6 +114,21 @@ class Report:
         lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]]
         return "\n".join(lines)
+
+
+def _pass_lines(r: PassRecord) -> list[str]:
+    """What a pass said beyond its counts: notes, ops quantized, nodes kept float and why."""
+    lines = [f"{r.name}: {note}" for note in r.notes]
+    quantized = r.details.get("quantized")
+    if quantized and r.status == "applied":
+        lines.append(f"{r.name}: quantized " + ", ".join(f"{op} {n}" for op, n in sorted(quantized.items())))
+    kept = r.details.get("kept_float") or []
+    if kept and r.status == "applied":
+        reasons: dict[str, int] = {}
+        for item in kept:
+            reasons[item.get("reason", "?")] = reasons.get(item.get("reason", "?"), 0) + 1
+        lines.append(f"{r.name}: kept float {len(kept)} (" + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())) + ")")
+    return lines
 
 
 def table(rows: list[tuple]) -> str:

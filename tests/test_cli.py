@@ -172,3 +172,17 @@ def test_external_data_in_gives_external_data_out(tmp_path):
     optimized, info = model_io.load_with_info(out)
     assert info.external_data == ("out.onnx.data",)
     assert [n.op_type for n in optimized.graph.node] == ["Conv"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-drop", "0.01"], "--max-drop needs --metric"),
+        (["--min-fidelity", "cosine=0.9,bogus=1"], "--min-fidelity item 'bogus=1'"),
+    ],
+)
+def test_bad_budget_options_exit_2(tmp_path, model_path, capsys, flags, message):
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -11,7 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import PassError
-from graphopt.passes_base import Pass, PassResult
+from graphopt.activations import ActivationCache
+from graphopt.passes_base import Pass, PassContext, PassResult
+from graphopt.pipeline import Pipeline
 
 from tests.helpers import make_model, ort_outputs, seeded_feeds
 
@@ -243,3 +245,75 @@ def test_metric_is_reported_before_and_after():
     data = graphopt.data.FeedSet(feeds, labels, "test")
     result = graphopt.optimize(model, passes=[NoOp()], data=data, metric=graphopt.accuracy)
     assert result.report.metrics["accuracy"] == {"before": 1.0, "after": 1.0}
+
+
+@dataclass
+class FasterClaim(Pass):
+    """Test pass: adds an Identity (outputs unchanged) and claims it made the model faster or smaller."""
+
+    name = "claims-speed"
+    description = "test"
+    lossless = False
+    claims = "speed"
+
+    def run(self, model, ctx):
+        model.graph.node[1].input[0] = "a_id"
+        model.graph.node.insert(1, helper.make_node("Identity", ["a"], ["a_id"]))
+        return PassResult(True)
+
+
+def stub_latency(monkeypatch, after_over_before: float):
+    """A stub clock, returned, under which sessions labelled 'after ...' by the latency guard take
+    `after_over_before` times as long as the others."""
+    from graphopt import bench
+
+    clock = {"now": 0.0, "step": 0.001}
+    real_run, real_session = bench.runtime.run, bench.runtime.session
+
+    def labelled_session(model, settings, what="model"):
+        sess = real_session(model, settings, what)
+        sess._label = what
+        return sess
+
+    def timed_run(sess, feed, outputs=None):
+        clock["step"] = 0.001 * (after_over_before if getattr(sess, "_label", "").startswith("after") else 1.0)
+        return real_run(sess, feed, outputs)
+
+    def timer():
+        clock["now"] += clock["step"]
+        return clock["now"]
+
+    monkeypatch.setattr(bench.runtime, "session", labelled_session)
+    monkeypatch.setattr(bench.runtime, "run", timed_run)
+    return timer
+
+
+@pytest.mark.parametrize("ratio, claims, kept", [(0.5, "speed", True), (1.0, "speed", False), (1.2, "size", False), (1.0, "size", True)])
+def test_latency_guard_keeps_a_claiming_pass_only_when_the_claim_holds(monkeypatch, ratio, claims, kept):
+    timer = stub_latency(monkeypatch, ratio)
+    p = FasterClaim()
+    p.claims = claims
+    model = relu_neg_model()
+    feeds = seeded_feeds(model, n=4, seed=3)
+    ctx = PassContext(feeds[:2], feeds[2:], ActivationCache(feeds[:2]), bench_rounds=4, timer=timer)
+    optimized, report = Pipeline([p], fixed_point=False, strict=True).run(model, ctx)
+    record = report.records[0]
+    assert record.latency_ms is not None
+    assert record.latency_ms[1] / record.latency_ms[0] == pytest.approx(ratio)
+    if kept:
+        assert record.status == "applied"
+        assert "Identity" in [n.op_type for n in optimized.graph.node]
+    else:
+        assert record.status == "rolled back"
+        assert ("not faster" if claims == "speed" else "slower") in record.reason
+        assert "Identity" not in [n.op_type for n in optimized.graph.node]
+
+
+def test_held_out_validation_feeds_are_used_when_given():
+    model = relu_neg_model()
+    calibration = seeded_feeds(model, n=3, seed=1)
+    held_out = seeded_feeds(model, n=5, seed=2)
+    swap = SwapOp(op="Abs")
+    swap.lossless = False
+    result = graphopt.optimize(model, passes=[swap], data=calibration, val=held_out, strict=True)
+    assert result.report.feeds.startswith("5 validation feeds")

@@ -1,8 +1,10 @@
 """Fidelity numbers computed by hand, and the lossless tolerance."""
 
 import numpy as np
+import pytest
 
 from graphopt import validate
+from graphopt.errors import UserError
 
 
 def test_compare_metrics_by_hand():
@@ -61,3 +63,48 @@ def test_sequence_and_optional_outputs_compare_element_by_element():
     assert validate.compare(ref, off)["s"].max_abs == 0.5
     assert validate.output_scale(ref, "s") == 3.0
     assert "output missing" in validate.lossless_violation(validate.compare(ref, [{"o": None}]), ref)
+
+
+def _outputs(values: list[np.ndarray], name: str = "y") -> list[dict[str, np.ndarray]]:
+    return [{name: v} for v in values]
+
+
+def test_budget_floors_per_output_and_overrides():
+    rng = np.random.default_rng(0)
+    ref = _outputs([rng.normal(size=(2, 10)).astype(np.float32) for _ in range(3)])
+    noisy = [{"y": r["y"] + rng.normal(scale=0.3, size=r["y"].shape).astype(np.float32)} for r in ref]
+    budget = validate.Budget()
+    assert "cosine" in budget.violation(ref, noisy)
+    assert validate.Budget(min_cosine=0.5, min_top1=0.0).violation(ref, noisy) is None
+    per_output = validate.Budget(min_cosine=0.5, min_top1=0.0, per_output={"y": {"rel": 1e-3}})
+    assert "relative error" in per_output.violation(ref, noisy)
+    assert budget.violation(ref, ref) is None
+
+
+def test_budget_integer_outputs_must_mostly_agree():
+    ref = _outputs([np.arange(100, dtype=np.int64)])
+    changed = _outputs([np.where(np.arange(100) < 5, -1, np.arange(100)).astype(np.int64)])
+    assert validate.Budget(min_top1=0.9).violation(ref, changed) is None
+    assert "0.9500 of elements agree" in validate.Budget(min_top1=0.99).violation(ref, changed)
+
+
+def test_budget_with_a_metric_bounds_the_drop_instead_of_the_floors():
+    ref = _outputs([np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)])
+    flipped = _outputs([np.array([[0.9, 0.1], [0.8, 0.2]], np.float32)])
+    labels = [np.array([1, 0])]
+
+    def accuracy(outputs, labels):
+        return float(np.mean([np.mean(np.argmax(o["y"], -1) == l) for o, l in zip(outputs, labels)]))
+
+    assert "dropped from 1.0000 to 0.5000" in validate.Budget(metric=accuracy, max_drop=0.1).violation(ref, flipped, labels)
+    assert validate.Budget(metric=accuracy, max_drop=0.6).violation(ref, flipped, labels) is None
+
+
+def test_parse_fidelity_global_and_per_output():
+    overall, per_output = validate.parse_fidelity("cosine=0.995, top1=0.98,logits:rel=0.05")
+    assert overall == {"cosine": 0.995, "top1": 0.98}
+    assert per_output == {"logits": {"rel": 0.05}}
+    with pytest.raises(UserError, match="KEY one of cosine, top1, rel"):
+        validate.parse_fidelity("cosin=0.9")
+    with pytest.raises(UserError, match="not a number"):
+        validate.parse_fidelity("cosine=high")

@@ -1,0 +1,488 @@
+"""Quantization side by side on real models: graphopt's int8/int4 presets vs onnxruntime.quantization.
+
+For each model (PP-OCRv4 rec, YOLOv8n, MiniLM; see benchmarks/models.py) the feeds are split into a
+calibration set and a scored set that no quantizer sees, and these variants are built, each in
+try/except so a failure is recorded and the others go on:
+
+    fp32            the original model as given (the baseline of every ratio)
+    fp32 clean      graphopt's lossless preset (timed too: what clean-up alone gives)
+    ort static      onnxruntime.quantization.quantize_static with its defaults (QDQ, MinMax)
+    ort dynamic     quantize_dynamic with its defaults
+    ort best        the best quality of a small grid of onnxruntime settings (per-channel on/off, U8/S8
+                    activations, MinMax/Percentile/Entropy calibration, with and without quant_pre_process,
+                    dynamic per-channel on/off); every grid point is listed with its quality
+    ort int4        MiniLM only: MatMulNBitsQuantizer (weight-only int4, block 32, symmetric)
+    graphopt int8   graphopt.optimize(model, preset="int8", data=<calibration feeds>)
+    graphopt int4   MiniLM only: preset="int4"
+
+Until the presets exist, the lossless preset followed by whichever of quantize-static, quantize-dynamic
+and quantize-weights is registered runs instead, one row each; with none registered the graphopt rows are
+skipped and a line says so.
+
+Measured per variant: the task's quality on the scored set (benchmarks/tasks.py; onnxruntime level `all`,
+the numerics a user gets), file size ratio, latency ratio to fp32 from ONE interleaved graphopt.bench.bench
+run of the timed variants (fp32, fp32 clean, the onnxruntime defaults and best, graphopt), and the time to
+quantize (wall and process CPU). A model onnxruntime cannot load or run is recorded as invalid.
+
+    python benchmarks/quantize.py                              # all models, full counts
+    python benchmarks/quantize.py --quick                      # smoke run: fewer samples, smaller grid
+    python benchmarks/quantize.py --models minilm --rounds 100 --json benchmarks/results/quantize.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import graphopt
+from graphopt import bench, runtime
+from graphopt.data import Feed, FeedSet
+from graphopt.model import write_text
+from graphopt.passes_base import presets, registry
+from graphopt.report import table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models  # noqa: E402  (benchmarks/ is not a package)
+import tasks  # noqa: E402
+
+SCORING = "all"  # quality is measured at the onnxruntime level a user runs, where QDQ is fused
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "quantize.json"
+FALLBACK_PASSES = {"int8": ("quantize-static", "quantize-dynamic"), "int4": ("quantize-weights",)}
+
+
+# --- the models and their task metrics ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    metric: str
+    at_least: bool
+    value: float
+
+    def met(self, metrics: dict) -> bool | None:
+        got = metrics.get(self.metric)
+        if got is None:
+            return None
+        return got >= self.value if self.at_least else got <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {'>=' if self.at_least else '<='} {self.value:g}"
+
+
+@dataclass
+class Workload:
+    """One model: its feeds (calibration, scored + truth), its quality metrics and targets per preset."""
+
+    name: str
+    path: Callable[[], Path]
+    calibration: Callable[[int], list[Feed]]
+    scored: Callable[[int], tuple[list[Feed], object]]
+    score: Callable[[list[dict], list[dict], object], dict]
+    primary: str  # the quality metric (higher is better) that picks onnxruntime's best setting
+    counts: tuple[int, int]  # scored samples: full, --quick
+    presets: tuple[str, ...] = ("int8",)
+    targets: dict[str, tuple[Target, ...]] = field(default_factory=dict)
+
+
+def ocr_calibration(count: int) -> list[Feed]:
+    lines = models.render_text_lines(models.sentence_snippets(count), fonts=models.OCR_FONTS)
+    return [{"x": lines[i : i + 1]} for i in range(count)]
+
+
+def ocr_scored(count: int) -> tuple[list[Feed], list[str]]:
+    """Lines from the second half of the sentence file, all four DejaVu faces in turn."""
+    texts = models.sentence_snippets(count, start=512)
+    lines = models.render_text_lines(texts, fonts=models.OCR_FONTS)
+    return [{"x": lines[i : i + 1]} for i in range(count)], texts
+
+
+def ocr_score(outputs: list[dict], reference: list[dict], truth: list[str]) -> dict:
+    characters = tasks.ocr_characters(onnx.load(str(models.ppocr_rec_path()), load_external_data=False))
+    predicted = [tasks.ctc_greedy_decode(next(iter(o.values())), characters)[0] for o in outputs]
+    return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
+
+
+def yolo_calibration(count: int) -> list[Feed]:
+    return models.photo_feeds(count, seed=2)
+
+
+def yolo_scored(count: int) -> tuple[list[Feed], None]:
+    return models.photo_feeds(count, seed=1), None
+
+
+def yolo_score(outputs: list[dict], reference: list[dict], truth: None) -> dict:
+    ours = [tasks.yolo_detections(o["output0"]) for o in outputs]
+    fp32 = [tasks.yolo_detections(o["output0"]) for o in reference]
+    return {"f1": tasks.detection_f1(fp32, ours), "detections": float(sum(len(d) for d in ours))}
+
+
+def minilm_half(first: bool, count: int) -> list[Feed]:
+    feeds = models.minilm_feeds(1024)
+    half = len(feeds) // 2
+    return (feeds[:half] if first else feeds[half:])[:count]
+
+
+def minilm_score(outputs: list[dict], reference: list[dict], truth: None) -> dict:
+    def pooled(outs: list[dict]) -> np.ndarray:
+        return np.concatenate([tasks.mean_pooled(o["last_hidden_state"], o["__mask"]) for o in outs])
+
+    ours, fp32 = pooled(outputs), pooled(reference)
+    cos = tasks.cosines(fp32, ours)
+    return {"cosine": float(cos.mean()), "min_cosine": float(cos.min()), "nn_agreement": tasks.nearest_neighbour_agreement(fp32, ours)}
+
+
+WORKLOADS = {
+    "ppocr-rec": Workload(
+        "ppocr-rec", models.ppocr_rec_path, ocr_calibration, ocr_scored, ocr_score, "char_accuracy", (256, 64),
+        targets={"int8": (Target("drop_points", False, 1.0), Target("speedup", True, 1.8), Target("size_ratio", False, 0.3))},
+    ),
+    "yolov8n": Workload(
+        "yolov8n", models.yolov8n_path, yolo_calibration, yolo_scored, yolo_score, "f1", (64, 24),
+        targets={"int8": (Target("f1", True, 0.95), Target("speedup", True, 1.8))},
+    ),
+    "minilm": Workload(
+        "minilm", models.minilm_path, lambda n: minilm_half(True, n), lambda n: (minilm_half(False, n), None), minilm_score, "cosine", (512, 96),
+        presets=("int8", "int4"),
+        targets={
+            "int8": (Target("cosine", True, 0.99), Target("nn_agreement", True, 0.97), Target("speedup", True, 2.0)),
+            "int4": (Target("size_ratio", False, 0.2), Target("cosine", True, 0.98)),
+        },
+    ),
+}
+
+
+# --- variants ----------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    label: str
+    family: str  # fp32 | ort | ort-grid | graphopt
+    config: dict = field(default_factory=dict)
+    model: onnx.ModelProto | None = None
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    error: str = ""
+    size_bytes: int | None = None
+    metrics: dict = field(default_factory=dict)
+    median_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        keep = ("label", "family", "config", "seconds", "cpu_seconds", "error", "size_bytes", "metrics", "median_ms", "notes")
+        return {k: getattr(self, k) for k in keep}
+
+
+def build(variant: Variant, make: Callable[[], onnx.ModelProto]) -> Variant:
+    """Run `make`, timing it; a failure is recorded in `error` and leaves no model."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        variant.model = make()
+    except Exception as exc:  # a quantizer may fail in any way; the table records it and the others go on
+        variant.model, variant.error = None, f"{type(exc).__name__}: {_first_line(exc)}"
+    variant.seconds, variant.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return variant
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+# --- onnxruntime.quantization (imported here only, to compare against) --------------------------------
+
+@dataclass(frozen=True)
+class OrtConfig:
+    mode: str  # static | dynamic | int4
+    per_channel: bool = False
+    activation: str = "S8"  # static only: U8 | S8
+    calibrate: str = "MinMax"  # static only: MinMax | Percentile | Entropy
+    preprocess: bool = False
+    default: bool = False  # the call with no options at all
+
+    @property
+    def label(self) -> str:
+        if self.default:
+            return f"ort {self.mode} default"
+        if self.mode == "int4":
+            return "ort int4 MatMulNBits"
+        parts = [f"ort {self.mode}", "per-channel" if self.per_channel else "per-tensor"]
+        if self.mode == "static":
+            parts += [self.activation, self.calibrate]
+        return " ".join(parts + (["pre"] if self.preprocess else []))
+
+
+class FeedReader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds (with set_range for strided
+    calibration, which keeps onnxruntime from holding every sample's activations at once)."""
+
+    def __init__(self, feeds: list[Feed], names: set[str]):
+        self.feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+        self.set_range(0, len(self.feeds))
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pending = iter(self.feeds[start_index:end_index])
+
+    def get_next(self) -> Feed | None:
+        return next(self._pending, None)
+
+
+def ort_quantize(config: OrtConfig, source: Path, calibration: list[Feed], workdir: Path) -> onnx.ModelProto:
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if config.preprocess:
+        prepared = workdir / "pre.onnx"
+        quant_pre_process(str(source), str(prepared))
+        source = prepared
+    out = workdir / "out.onnx"
+    if config.mode == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(graphopt.load(source), block_size=32, is_symmetric=True)
+        quantizer.process()
+        return quantizer.model.model
+    if config.mode == "dynamic":
+        kwargs = {} if config.default else {"per_channel": config.per_channel}
+        q.quantize_dynamic(str(source), str(out), **kwargs)
+    else:
+        names = {i.name for i in graphopt.load(source).graph.input}
+        stride = next(s for s in (8, 4, 2, 1) if len(calibration) % s == 0)
+        kwargs = {"extra_options": {"CalibStridedMinMax": stride}}
+        if not config.default:
+            kwargs |= {
+                "per_channel": config.per_channel,
+                "activation_type": q.QuantType.QUInt8 if config.activation == "U8" else q.QuantType.QInt8,
+                "calibrate_method": getattr(q.CalibrationMethod, config.calibrate),
+            }
+        q.quantize_static(str(source), str(out), FeedReader(calibration, names), **kwargs)
+    return graphopt.load(out)
+
+
+def ort_grid(quick: bool, with_int4: bool) -> tuple[list[OrtConfig], list[OrtConfig]]:
+    """(first stage, calibration methods to try on the best static point of the first stage)."""
+    if quick:
+        first = [OrtConfig("static", pc, "U8", preprocess=True) for pc in (False, True)] + [OrtConfig("dynamic", True, preprocess=True)]
+        return first + ([OrtConfig("int4")] if with_int4 else []), []
+    first = [OrtConfig("static", pc, act, preprocess=pre) for pre in (False, True) for pc in (False, True) for act in ("U8", "S8")]
+    first += [OrtConfig("dynamic", pc, preprocess=pre) for pre in (False, True) for pc in (False, True)]
+    return first + ([OrtConfig("int4")] if with_int4 else []), [OrtConfig("static", calibrate=c) for c in ("Percentile", "Entropy")]
+
+
+# --- graphopt ----------------------------------------------------------------------------------------
+
+def graphopt_plans(preset: str) -> tuple[list[tuple[str, dict]], str]:
+    """(label, optimize() keyword arguments) per graphopt row for `preset`, and a note when the preset does
+    not exist yet and registered passes stand in (or nothing can)."""
+    if preset in presets():
+        return [(f"graphopt {preset}", {"preset": preset})], ""
+    known = registry()
+    stand_ins = [p for p in FALLBACK_PASSES[preset] if p in known]
+    if not stand_ins:
+        return [], f"graphopt {preset}: no preset {preset!r} and none of {', '.join(FALLBACK_PASSES[preset])} registered; rows skipped"
+    lossless = presets()["lossless"]
+    plans = [(f"graphopt {p}", {"passes": [*lossless, p]}) for p in stand_ins]
+    return plans, f"graphopt {preset}: no preset {preset!r} yet; lossless + {', '.join(stand_ins)} instead"
+
+
+def graphopt_quantize(original: onnx.ModelProto, calibration: list[Feed], threads: int, kwargs: dict) -> tuple[onnx.ModelProto, dict]:
+    feeds = FeedSet(calibration, None, f"{len(calibration)} calibration feeds")
+    result = graphopt.optimize(original, data=feeds, max_feeds=len(calibration), threads=threads, **kwargs)
+    return result.model, result.report.to_dict()
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+def outputs_of(variant: Variant, feeds: list[Feed], threads: int) -> list[dict] | None:
+    """Outputs on the scored feeds at onnxruntime level `all` (None and `error` set if it cannot run).
+    MiniLM's attention mask rides along under `__mask` for pooling."""
+    try:
+        outs = runtime.run_all(variant.model, feeds, runtime.RuntimeSettings(level=SCORING, threads=threads), what=variant.label)
+    except graphopt.UserError as exc:
+        variant.error = f"invalid: {exc}"
+        return None
+    for out, feed in zip(outs, feeds):
+        if "attention_mask" in feed:
+            out["__mask"] = feed["attention_mask"]
+    return outs
+
+
+def score(variant: Variant, work: Workload, feeds: list[Feed], truth, reference: list[dict], base: Variant | None, threads: int) -> None:
+    if variant.model is None:
+        return
+    variant.size_bytes = variant.model.ByteSize()
+    outs = outputs_of(variant, feeds, threads)
+    if outs is None:
+        variant.model = None
+        return
+    variant.metrics = work.score(outs, reference, truth)
+    if base is not None:
+        variant.metrics["size_ratio"] = variant.size_bytes / base.size_bytes
+        if "char_accuracy" in variant.metrics:
+            variant.metrics["drop_points"] = 100.0 * (base.metrics["char_accuracy"] - variant.metrics["char_accuracy"])
+
+
+def time_variants(timed: list[Variant], feeds: list[Feed], threads: int, rounds: int) -> None:
+    timings = bench.bench([(v.label, v.model) for v in timed], feeds, threads=threads, level="all", rounds=rounds)
+    for v, t in zip(timed, timings):
+        v.median_ms = t.median_ms
+        v.metrics["latency_ratio"] = t.ratio
+        v.metrics["speedup"] = 1.0 / t.ratio if t.ratio > 0 else float("nan")
+
+
+def run_workload(work: Workload, args: argparse.Namespace) -> dict:
+    path = work.path()
+    original = graphopt.load(path)
+    scored_count = args.scored or work.counts[args.quick]
+    calibration = work.calibration(args.calibration)
+    feeds, truth = work.scored(scored_count)
+    print(f"\n=== {work.name}: {path.name}; {len(calibration)} calibration feeds, {len(feeds)} scored feeds", flush=True)
+
+    fp32 = Variant("fp32", "fp32", model=original)
+    reference = outputs_of(fp32, feeds, args.threads)
+    score(fp32, work, feeds, truth, reference, None, args.threads)
+    fp32.metrics["size_ratio"] = 1.0
+    if "char_accuracy" in fp32.metrics:
+        fp32.metrics["drop_points"] = 0.0
+    variants = [fp32]
+    notes = []
+
+    def add(variant: Variant, make: Callable[[], onnx.ModelProto]) -> Variant:
+        build(variant, make)
+        score(variant, work, feeds, truth, reference, fp32, args.threads)
+        print(f"  {variant.label}: {_metrics_line(variant, work)} ({variant.seconds:.1f} s){'  ' + variant.error if variant.error else ''}", flush=True)
+        variants.append(variant)
+        return variant
+
+    add(Variant("fp32 clean", "fp32"), lambda: graphopt.optimize(original, data=FeedSet(calibration, None, "calibration"), max_feeds=len(calibration), threads=args.threads).model)
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:
+        workdir = Path(tmp)
+        ort = lambda c: lambda: ort_quantize(c, path, calibration, workdir)  # noqa: E731
+        for config in (OrtConfig("static", default=True), OrtConfig("dynamic", default=True)):
+            add(Variant(config.label, "ort", vars(config)), ort(config))
+        first, calibrators = ort_grid(args.quick, "int4" in work.presets)
+        grid = [add(Variant(c.label, "ort-grid", vars(c)), ort(c)) for c in first]
+        statics = [(v, c) for v, c in zip(grid, first) if c.mode == "static" and v.model is not None]
+        if statics and calibrators:
+            _, best = max(statics, key=lambda vc: vc[0].metrics[work.primary])
+            for method in calibrators:
+                c = OrtConfig("static", best.per_channel, best.activation, method.calibrate, best.preprocess)
+                grid.append(add(Variant(c.label, "ort-grid", vars(c)), ort(c)))
+    int8_grid = [v for v in grid if v.model is not None and v.config.get("mode") != "int4"]
+    if int8_grid:
+        best = max(int8_grid, key=lambda v: v.metrics[work.primary])
+        best.family = "ort"
+        best.notes.append("ort best (int8 grid)")
+    for preset in work.presets:
+        plans, note = graphopt_plans(preset)
+        if note:
+            print(f"  {note}", flush=True)
+            notes.append(note)
+        for label, kwargs in plans:
+            report = {}
+
+            def make(kwargs=kwargs, report=report):
+                model, report["report"] = graphopt_quantize(original, calibration, args.threads, kwargs)
+                return model
+
+            v = add(Variant(label, "graphopt", {"preset": preset, **kwargs}), make)
+            v.config["report"] = report.get("report")
+
+    timed = [v for v in variants if v.model is not None and (v.family in ("fp32", "ort", "graphopt") or v.config.get("mode") == "int4")]
+    print(f"  timing {len(timed)} variants, {args.rounds} interleaved rounds, threads {args.threads} ...", flush=True)
+    time_variants(timed, feeds[: args.timing_feeds], args.threads, args.rounds)
+    load = os.getloadavg()[0]
+    print(f"\n{work.name}: quality on {len(feeds)} scored samples, latency from one interleaved run ({args.rounds} rounds, ORT level all, threads {args.threads}, load average {load:.1f})")
+    print(format_table(variants, work))
+    verdicts = check_targets(variants, work)
+    for line in verdicts:
+        print("  " + line)
+    for v in variants:
+        v.model = None
+    return {
+        "model": work.name, "path": str(path), "calibration_feeds": len(calibration), "scored_feeds": len(feeds),
+        "rounds": args.rounds, "threads": args.threads, "load_average": load, "notes": notes, "targets": verdicts,
+        "variants": [v.as_dict() for v in variants],
+    }
+
+
+def _metrics_line(v: Variant, work: Workload) -> str:
+    return ", ".join(f"{k} {x:.4f}" for k, x in v.metrics.items() if k not in ("size_ratio", "detections")) or "-"
+
+
+def check_targets(variants: list[Variant], work: Workload) -> list[str]:
+    lines = []
+    for v in variants:
+        if v.family != "graphopt" or v.model is None and not v.metrics:
+            continue
+        for target in work.targets.get(v.config["preset"], ()):
+            met = target.met(v.metrics)
+            got = v.metrics.get(target.metric)
+            state = "n/a" if met is None else "met" if met else "MISSED"
+            lines.append(f"{v.label}: {target} -> {'-' if got is None else f'{got:.4g}'} {state}")
+    return lines
+
+
+QUALITY_COLUMNS = {
+    "ppocr-rec": (("char_accuracy", "char acc", "{:.2%}"), ("drop_points", "drop pts", "{:+.2f}"), ("lines_exact", "lines exact", "{:.1%}")),
+    "yolov8n": (("f1", "F1 vs fp32", "{:.3f}"), ("detections", "detections", "{:.0f}")),
+    "minilm": (("cosine", "cosine", "{:.4f}"), ("min_cosine", "min cosine", "{:.4f}"), ("nn_agreement", "NN agree", "{:.1%}")),
+}
+
+
+def format_table(variants: list[Variant], work: Workload) -> str:
+    quality = QUALITY_COLUMNS[work.name]
+    rows = [("variant", *(q[1] for q in quality), "median ms", "speed-up", "size", "size ratio", "quantize s", "cpu s", "note")]
+    for v in variants:
+        m = v.metrics
+        rows.append((
+            v.label + (" *" if "ort best (int8 grid)" in v.notes else ""),
+            *(_fmt(m.get(key), spec) for key, _, spec in quality),
+            _fmt(v.median_ms, "{:.2f}"),
+            _fmt(m.get("speedup"), "{:.2f}x"),
+            _fmt(v.size_bytes and v.size_bytes / 2**20, "{:.2f} MB"),
+            _fmt(m.get("size_ratio"), "{:.3f}"),
+            "" if v.label == "fp32" else f"{v.seconds:.1f}",
+            "" if v.label == "fp32" else f"{v.cpu_seconds:.1f}",
+            v.error,
+        ))
+    return table(rows) + "\n(* = onnxruntime's best setting by " + work.primary + "; speed-up = fp32 median / median)"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS), help="which models (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer scored samples, a smaller onnxruntime grid")
+    parser.add_argument("--calibration", type=int, default=64, help="calibration feeds, the same for every quantizer (default 64)")
+    parser.add_argument("--scored", type=int, default=0, help="scored samples per model (default: 256 lines, 64 images, 512 sentences; --quick 64, 24, 96)")
+    parser.add_argument("--rounds", type=int, default=50, help="interleaved timing rounds (default 50)")
+    parser.add_argument("--timing-feeds", type=int, default=8, help="scored feeds cycled through by the timing (default 8)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for scoring and timing (default 2)")
+    parser.add_argument("--json", metavar="OUT", default=str(DEFAULT_JSON), help=f"write the results as JSON (default {DEFAULT_JSON})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calibration = min(args.calibration, 16)
+        args.rounds = min(args.rounds, 20)
+    results = [run_workload(WORKLOADS[name], args) for name in args.models]
+    write_text(args.json, json.dumps({"args": vars(args), "models": results}, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""calibrate: streamed histograms (mergeable as the range widens) and the minmax/percentile/entropy/mse ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+from graphopt.calibrate import METHODS, TensorStats, collect
+from tests.helpers import make_model, seeded_feeds
+
+RNG = np.random.default_rng(0)
+
+
+def stats_of(*batches, bins: int = 2048) -> TensorStats:
+    s = TensorStats(bins)
+    for b in batches:
+        s.update(np.asarray(b, dtype=np.float32))
+    return s
+
+
+def with_outliers(n: int, outliers: list[float]) -> np.ndarray:
+    """Standard normal bulk of `n` values with the given outliers appended."""
+    return np.concatenate([RNG.standard_normal(n), outliers]).astype(np.float32)
+
+
+def test_minmax_is_the_observed_min_and_max():
+    a, b = RNG.standard_normal(1000) * 3, RNG.standard_normal(500) + 2
+    s = stats_of(a, b)
+    assert (s.minimum, s.maximum, s.count) == (pytest.approx(min(a.min(), b.min()), rel=1e-6), pytest.approx(max(a.max(), b.max()), rel=1e-6), 1500)
+    assert s.range("minmax") == (pytest.approx(s.minimum), pytest.approx(s.maximum))
+    t = max(-s.minimum, s.maximum)
+    assert s.range("minmax", symmetric=True) == (-t, t)
+
+
+def test_nan_and_inf_are_ignored():
+    s = stats_of([1.0, np.nan, -2.0, np.inf, -np.inf])
+    assert (s.minimum, s.maximum, s.count) == (-2.0, 1.0, 2)
+    assert s.counts.sum() + s.zeros == 2
+
+
+def test_percentile_matches_numpy_within_a_bin_width():
+    x = RNG.standard_normal(100_000).astype(np.float32)
+    s = stats_of(x)
+    width = s.limit / s.bins
+    lo, hi = s.range("percentile", percentile=99.0)
+    assert abs(hi - np.percentile(x, 99.0)) <= width
+    assert abs(lo - np.percentile(x, 1.0)) <= width
+    lo, hi = s.range("percentile", percentile=99.9, symmetric=True)
+    assert lo == -hi and abs(hi - np.percentile(np.abs(x), 99.9)) <= width
+
+
+def test_histogram_of_batches_equals_histogram_of_concatenation():
+    """The second batch is 40x wider: the first batch's bins are re-binned, exactly."""
+    a = RNG.standard_normal(20_000).astype(np.float32)
+    b = (RNG.standard_normal(20_000) * 40).astype(np.float32)
+    streamed, whole = stats_of(a, b), stats_of(np.concatenate([a, b]))
+    assert streamed.limit == whole.limit == 256.0
+    np.testing.assert_array_equal(streamed.counts, whole.counts)
+    merged = stats_of(b)
+    merged.merge(stats_of(a))
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    assert (merged.minimum, merged.maximum, merged.count) == (whole.minimum, whole.maximum, whole.count)
+
+
+def test_histogram_counts_match_numpy_histogram():
+    x = RNG.standard_normal(10_000).astype(np.float32)
+    s = stats_of(x, bins=64)
+    expected, _ = np.histogram(x, bins=s.edges)
+    np.testing.assert_array_equal(s.counts, expected)
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_few_huge_outliers_are_clipped_above_the_bulk(method, symmetric):
+    """1e6 normal values and one at 100: the whole bulk is kept, the outlier clipped (for mse the optimum
+    of step**2/12 * n + (100 - t)**2 with step = 2t/255 is t = 100 / (1 + 1e6 * 4 / (255**2 * 12)) ~ 16)."""
+    x = with_outliers(1_000_000, [100.0])
+    lo, hi = stats_of(x).range(method, symmetric=symmetric)
+    bulk = np.percentile(np.abs(x), 99.9)  # ~3.3
+    assert bulk < hi < 0.3 * 100.0
+    assert -0.3 * 100.0 < lo < -bulk
+    if method == "mse":
+        assert hi == pytest.approx(100.0 / (1 + 1e6 * 4 / (255**2 * 12)), rel=0.15)
+
+
+def test_entropy_clips_several_outliers_near_the_bulk():
+    """Ten outliers at +-30..60 beside 2e5 normal values: KL keeps the bulk (~4.4) and drops the outliers."""
+    x = with_outliers(200_000, list(RNG.uniform(30, 60, 10) * RNG.choice([-1, 1], 10)))
+    for symmetric in (False, True):
+        lo, hi = stats_of(x).range("entropy", symmetric=symmetric)
+        assert np.percentile(np.abs(x), 99.9) < hi < 10.0
+        assert -10.0 < lo < -np.percentile(np.abs(x), 99.9)
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+def test_uniform_distribution_keeps_nearly_the_whole_range(method):
+    x = RNG.uniform(-1, 3, 200_000).astype(np.float32)
+    lo, hi = stats_of(x).range(method)
+    assert lo <= -0.97 and hi >= 2.95
+    lo, hi = stats_of(x).range(method, symmetric=True)
+    assert -lo == hi >= 2.9
+
+
+def test_relu_like_data_gets_a_one_sided_range():
+    """Exact zeros (half the values) are counted apart and do not pull the clip in."""
+    x = np.maximum(RNG.standard_normal(200_000), 0).astype(np.float32)
+    s = stats_of(x)
+    assert s.zeros == np.count_nonzero(x == 0)
+    for method in ("entropy", "mse"):
+        lo, hi = s.range(method)
+        assert lo == 0.0 and 3.0 < hi <= x.max()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_range_always_contains_zero(method):
+    for batch in ([1.0, 2.0, 1.5, 1.25], [-3.0, -1.0, -2.5], [0.0, 0.0]):
+        lo, hi = stats_of(np.repeat(batch, 100)).range(method)
+        assert lo <= 0.0 <= hi
+    pos = stats_of(np.repeat([1.0, 2.0], 100))
+    assert pos.range(method)[0] == 0.0 and pos.range(method)[1] > 1.0
+    neg = stats_of(np.repeat([-1.0, -2.0], 100))
+    assert neg.range(method)[1] == 0.0 and neg.range(method)[0] < -1.0
+
+
+def test_nothing_observed_gives_an_empty_range():
+    assert TensorStats().range("entropy") == (0.0, 0.0)
+
+
+def test_unknown_method_and_bad_bins_are_refused():
+    with pytest.raises(ValueError, match="minmax, percentile, entropy, mse"):
+        stats_of([1.0]).range("kl")
+    with pytest.raises(ValueError, match="power of two"):
+        TensorStats(1000)
+
+
+def test_collect_streams_intermediate_tensor_ranges():
+    """x -> Relu -> y -> Mul(c) -> z"""
+    c = np.array([0.5, -2.0, 3.0], dtype=np.float32)
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Mul", ["y", "c"], ["z"]), helper.make_node("Shape", ["z"], ["s"])],
+        [helper.make_tensor_value_info("x", TP.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("z", TP.FLOAT, [4, 3]), helper.make_tensor_value_info("s", TP.INT64, [2])],
+        [numpy_helper.from_array(c, "c")],
+    )
+    feeds = seeded_feeds(model, n=5)
+    stats = collect(model, feeds, ["y", "z", "s"])
+    assert set(stats) == {"y", "z"}  # the int64 Shape output is skipped
+    ys = np.stack([np.maximum(f["x"], 0) for f in feeds])
+    zs = ys * c
+    for name, values in (("y", ys), ("z", zs)):
+        assert stats[name].count == values.size
+        assert stats[name].range("minmax") == (pytest.approx(min(values.min(), 0)), pytest.approx(max(values.max(), 0)))
+    merged = TensorStats()
+    merged.update(zs)
+    np.testing.assert_array_equal(stats["z"].counts, merged.counts)
