@@ -10,15 +10,21 @@ import pkgutil
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
+LOSSLESS = [
+    "lift-constants",
+    "eliminate-identities",
+    "fold-constants",
+    "simplify-reshapes",
+    "fold-batchnorm",
+    "fold-shared-weights",
+    "merge-duplicate-nodes",
+    "remove-dead-code",
+]
+
 PRESETS: dict[str, list[str]] = {
-    "lossless": [
-        "lift-constants",
-        "eliminate-identities",
-        "fold-constants",
-        "simplify-reshapes",
-        "fold-batchnorm",
-        "fold-shared-weights",
-        "merge-duplicate-nodes",
-        "remove-dead-code",
-    ],
+    "lossless": LOSSLESS,
+    # clean-up, then static or dynamic int8, whichever measures faster within the budget
+    "int8": LOSSLESS + ["quantize-int8"],
+    # clean-up, then weight-only int4 (int8 where int4 breaks the budget), for size
+    "int4": LOSSLESS + ["quantize-weights:bits=4"],
 }

@@ -27,7 +27,9 @@ Refused (named in `refused`, node left in place):
   (graph inputs need no confirmation: onnxruntime rejects feeds that differ from declared static dims)
 
 Not folded, not reported: nodes holding If/Loop/Scan bodies, nodes inside those bodies (bodies are left
-alone; main-graph constants they read are folded like any other), Shape/Size of dynamically shaped tensors.
+alone; main-graph constants they read are folded like any other), Shape/Size of dynamically shaped tensors,
+DequantizeLinear (and so what it feeds) of constant integers: a quantized weight would turn back into
+the float weight a quantization pass (or the exporter) removed.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 SHAPE_OPS = ("Shape", "Size")
 VIEW_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+KEPT_QUANTIZED = frozenset({"DequantizeLinear"})
 
 
 @dataclass
@@ -196,7 +199,7 @@ def _plan(graph: onnx.GraphProto, shape_values: dict[str, np.ndarray], excluded:
             constant.append(node)
             known.update(o for o in node.output if o)
             continue
-        if excluded.intersection(node.output) or next(subgraphs(node), None) is not None:
+        if excluded.intersection(node.output) or next(subgraphs(node), None) is not None or node.op_type in KEPT_QUANTIZED:
             continue
         if not all(i in known for i in node.input if i):
             continue

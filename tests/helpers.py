@@ -5,6 +5,8 @@ Outputs are always computed with ORT_DISABLE_ALL so onnxruntime's own fusions ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -71,3 +73,29 @@ def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds, 
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def stub_latency(monkeypatch, factor: float, is_scaled: Callable[[str], bool]):
+    """A stub clock, returned, for graphopt.bench: a run of a session whose label (the name bench gives
+    it) satisfies `is_scaled` takes `factor` times as long as a run of any other session."""
+    from graphopt import bench
+
+    clock = {"now": 0.0, "step": 0.001}
+    real_run, real_session = bench.runtime.run, bench.runtime.session
+
+    def labelled_session(model, settings, what="model"):
+        sess = real_session(model, settings, what)
+        sess._label = what
+        return sess
+
+    def timed_run(sess, feed, outputs=None):
+        clock["step"] = 0.001 * (factor if is_scaled(getattr(sess, "_label", "")) else 1.0)
+        return real_run(sess, feed, outputs)
+
+    def timer():
+        clock["now"] += clock["step"]
+        return clock["now"]
+
+    monkeypatch.setattr(bench.runtime, "session", labelled_session)
+    monkeypatch.setattr(bench.runtime, "run", timed_run)
+    return timer

@@ -341,3 +341,17 @@ def test_dead_readers_of_a_folded_shape_go_with_it():
     assert op_types(after) == ["Reshape"]
     np.testing.assert_array_equal(constant_value(after.graph, "t"), [-1, 3])
     assert_same_outputs(before, after, seeded_feeds(before))
+
+
+def test_dequantized_weight_is_not_folded_back_to_float():
+    """w_q(int8) -> DequantizeLinear -> Transpose -> MatMul(x, .) -> y"""
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "s"], ["w"]),
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(RNG.integers(-127, 128, (4, 3)).astype(np.int8), "w_q"), numpy_helper.from_array(np.float32(0.02), "s")]
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 4])], inits)
+    _, after, result = fold(model)
+    assert not result.changed
+    assert op_types(after) == ["DequantizeLinear", "Transpose", "MatMul"]

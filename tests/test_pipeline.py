@@ -15,7 +15,7 @@ from graphopt.activations import ActivationCache
 from graphopt.passes_base import Pass, PassContext, PassResult
 from graphopt.pipeline import Pipeline
 
-from tests.helpers import make_model, ort_outputs, seeded_feeds
+from tests.helpers import make_model, ort_outputs, seeded_feeds, stub_latency
 
 
 def relu_neg_model() -> onnx.ModelProto:
@@ -262,35 +262,9 @@ class FasterClaim(Pass):
         return PassResult(True)
 
 
-def stub_latency(monkeypatch, after_over_before: float):
-    """A stub clock, returned, under which sessions labelled 'after ...' by the latency guard take
-    `after_over_before` times as long as the others."""
-    from graphopt import bench
-
-    clock = {"now": 0.0, "step": 0.001}
-    real_run, real_session = bench.runtime.run, bench.runtime.session
-
-    def labelled_session(model, settings, what="model"):
-        sess = real_session(model, settings, what)
-        sess._label = what
-        return sess
-
-    def timed_run(sess, feed, outputs=None):
-        clock["step"] = 0.001 * (after_over_before if getattr(sess, "_label", "").startswith("after") else 1.0)
-        return real_run(sess, feed, outputs)
-
-    def timer():
-        clock["now"] += clock["step"]
-        return clock["now"]
-
-    monkeypatch.setattr(bench.runtime, "session", labelled_session)
-    monkeypatch.setattr(bench.runtime, "run", timed_run)
-    return timer
-
-
 @pytest.mark.parametrize("ratio, claims, kept", [(0.5, "speed", True), (1.0, "speed", False), (1.2, "size", False), (1.0, "size", True)])
 def test_latency_guard_keeps_a_claiming_pass_only_when_the_claim_holds(monkeypatch, ratio, claims, kept):
-    timer = stub_latency(monkeypatch, ratio)
+    timer = stub_latency(monkeypatch, ratio, lambda label: label.startswith("after"))
     p = FasterClaim()
     p.claims = claims
     model = relu_neg_model()

@@ -1,0 +1,90 @@
+"""quantize-int8 keeps the fastest candidate that stays within budget (stub candidates, stub clock)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt.activations import ActivationCache
+from graphopt.passes.quantize_int8 import QuantizeInt8
+from graphopt.passes_base import Pass, PassContext, PassResult, register
+
+from tests.helpers import make_model, op_types, seeded_feeds, stub_latency
+
+
+def relu_model():
+    """x -> Relu -> y"""
+    return make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+
+
+@register
+@dataclass
+class AppendIdentity(Pass):
+    """Stub candidate: routes y through an Identity (same outputs)."""
+
+    name = "test-append-identity"
+    description = "test"
+    lossless = False
+
+    def run(self, model, ctx):
+        model.graph.node[0].output[0] = "r"
+        model.graph.node.append(helper.make_node("Identity", ["r"], ["y"]))
+        return PassResult(True, details={"quantized": {"Relu": 1}})
+
+
+@register
+@dataclass
+class BreakOutput(Pass):
+    """Stub candidate: negates the output (over any budget)."""
+
+    name = "test-break-output"
+    description = "test"
+    lossless = False
+
+    def run(self, model, ctx):
+        model.graph.node[0].output[0] = "r"
+        model.graph.node.append(helper.make_node("Neg", ["r"], ["y"]))
+        return PassResult(True)
+
+
+def context(timer):
+    feeds = seeded_feeds(relu_model(), n=4, seed=5)
+    return PassContext(feeds[:2], feeds[2:], ActivationCache(feeds[:2]), bench_rounds=4, timer=timer)
+
+
+def test_over_budget_candidate_is_dropped_and_faster_one_kept(monkeypatch):
+    timer = stub_latency(monkeypatch, 1.0, lambda label: False)
+    model = relu_model()
+    result = QuantizeInt8(candidates="test-break-output,test-append-identity").run(model, context(timer))
+    assert any("test-break-output: over budget" in r for r in result.refused)
+    # equal time is not faster: refused with the ratios
+    assert not result.changed and "no candidate was faster" in result.refused[-1]
+    assert op_types(model) == ["Relu"]
+
+
+def test_chosen_candidate_is_applied_and_noted(monkeypatch):
+    timer = stub_latency(monkeypatch, 0.5, lambda label: label == "test-append-identity")
+    model = relu_model()
+    result = QuantizeInt8(candidates="test-append-identity").run(model, context(timer))
+    assert result.changed, result.refused
+    assert op_types(model) == ["Relu", "Identity"]
+    assert result.details["chosen"] == "test-append-identity"
+    assert result.details["latency_ratios"] == {"test-append-identity": pytest.approx(0.5)}
+    assert "chose test-append-identity by measurement" in result.notes[0]
+
+
+def test_already_quantized_model_is_refused():
+    model = make_model(
+        [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])],
+    )
+    result = QuantizeInt8().run(model, context(lambda: 0.0))
+    assert not result.changed and result.refused == ["the model is already quantized"]
