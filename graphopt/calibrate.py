@@ -9,7 +9,9 @@ The histogram is signed and centred on zero: `bins` bins on each side over [-R, 
 doubles as often as needed and every old bin falls wholly inside one new bin (0 stays an edge and the new
 edges are a subset of the old ones), so the re-binned counts are exactly those a single pass over all the
 data at the final R would give. Bin indices are floor(x * bins / R): a scale by a power of two, so exact.
-NaN and +-inf values are ignored (neither counted nor in min/max).
+NaN and +-inf values are ignored (neither counted nor in min/max). Exact zeros (half of a Relu output) are
+counted apart, not in the histogram: they are exact in every range, and as a spike in the first bin they
+would make entropy calibration favour narrow windows.
 
 Range methods (all return (lo, hi) with lo <= 0 <= hi, so zero is exactly representable):
   minmax      the observed min and max
@@ -17,7 +19,9 @@ Range methods (all return (lo, hi) with lo <= 0 <= hi, so zero is exactly repres
   entropy     the clipping window whose quantized histogram is closest in KL divergence to the clipped one
               (the TensorRT method): reference = the bins inside the window with the outside counts folded
               into the end bins; candidate = the same bins merged into 2**bits groups (2**(bits-1) on the |x|
-              histogram when symmetric), each group's count spread over its non-empty bins
+              histogram when symmetric), each group's count spread over its non-empty bins. Ties (a bulk
+              spanning fewer bins than there are levels is exact in every window) go to the narrowest window.
+              KL is blind to magnitudes: on a few isolated spikes it may clip at the innermost one.
   mse         the clipping window minimizing the expected squared error: step**2 / 12 for every value inside,
               the squared distance to the window's edge for every value outside (bin centres)
 Entropy and mse search one threshold t over the bin edges; symmetric windows are [-t, t], asymmetric ones
@@ -35,6 +39,7 @@ from graphopt.runtime import RuntimeSettings
 METHODS = ("minmax", "percentile", "entropy", "mse")
 BINS = 8192  # per side; entropy needs the bulk of a tensor to span more bins than there are levels
 ENTROPY_THRESHOLDS = 1024
+SMOOTHING = 1e-4
 
 
 class TensorStats:
@@ -117,7 +122,7 @@ class TensorStats:
             window = self._percentile_window(percentile, symmetric)
         else:
             window = self._search(method, bits, symmetric)
-        lo, hi = min(window[0], 0.0), max(window[1], 0.0)
+        lo, hi = min(float(window[0]), 0.0), max(float(window[1]), 0.0)
         if symmetric:
             t = max(-lo, hi)
             return -t, t
@@ -194,7 +199,8 @@ def _kl_divergences(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, level
 
     P: the window's counts with everything left of it added to its first bin and right of it to its last.
     Q: the window's own counts merged into `levels` groups of (nearly) equal bin counts, each group's total
-    spread evenly over the bins where P is non-zero. Computed for all windows at once from cumulative sums.
+    spread evenly over the bins where P is non-zero (a probability of SMOOTHING per bin where the group is
+    empty but P is not, which only folding causes). Computed for all windows at once from cumulative sums.
     """
     h = hist.astype(np.float64)
     total = h.sum()
@@ -223,13 +229,16 @@ def _kl_divergences(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, level
     group_p[:, -1] += right
     group_n[:, 0] += (first == 0) & (left > 0)
     group_n[:, -1] += (last == 0) & (right > 0)
-    # sum over groups of P's mass times log(Q per bin); a group P needs but Q left empty makes KL infinite
-    impossible = ((group_q == 0) & (group_p > 0)).any(axis=1)
-    per_bin = group_q / np.maximum(group_n, 1)
-    logs = np.log(per_bin, out=np.zeros_like(per_bin), where=group_q > 0)
+    # sum over groups of P's mass times log(Q per bin); where only folding filled an end group, Q has a
+    # probability of SMOOTHING per bin, so folding much mass into an empty bin costs much
+    sum_q = cum[stop] - cum[start]
+    smoothed = (group_q == 0) & (group_p > 0)
+    per_bin = np.where(smoothed, SMOOTHING * sum_q[:, None], group_q / np.maximum(group_n, 1))
+    logs = np.log(per_bin, out=np.zeros_like(per_bin), where=per_bin > 0)
     cross = np.einsum("wg,wg->w", group_p, logs)
-    kl = (plogp - cross) / total - np.log(total) + np.log(cum[stop] - cum[start])
-    result[ok] = np.where(impossible, np.inf, kl)
+    with np.errstate(divide="ignore"):
+        kl = (plogp - cross) / total - np.log(total) + np.log(sum_q)
+    result[ok] = np.where(sum_q > 0, kl, np.inf)  # a window holding nothing but folded values is no candidate
     return result
 
 
@@ -257,7 +266,7 @@ def _squared_errors(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, origi
 
 def collect(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], settings: RuntimeSettings = RuntimeSettings(), bins: int = BINS) -> dict[str, TensorStats]:
     """Statistics of main-graph tensors `names` over `feeds`, streamed through
-    `graphopt.activations.intermediates` one feed at a time; only the histograms are kept.
+    `graphopt.activations.intermediates` one feed at a time; only the histograms are kept (`bins` per sign).
     Tensors whose values are not floating point (integers, bools, sequences) get no entry."""
     stats: dict[str, TensorStats] = {}
     skipped: set[str] = set()

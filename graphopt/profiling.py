@@ -1,0 +1,148 @@
+"""What onnxruntime really runs: per-node kernel times from its profiler, and the graph after its fusions.
+
+`node_times` turns on onnxruntime's profiler (RuntimeSettings.profile_prefix) and averages the kernel time of
+each node over the measured runs. `optimized_graph` saves the graph onnxruntime executes
+(RuntimeSettings.optimized_model_path) and loads it back; `unfused_chains` and `fused_op_counts` read it to
+tell which quantized (DequantizeLinear -> op -> QuantizeLinear) groups became integer kernels.
+
+Names in the optimized graph and the profile: onnxruntime names a fused QDQ kernel after the float node it
+replaces (DQ + Conv "conv0" + Q => QLinearConv "conv0"); at level "all" the NHWC layout pass then renames it
+"conv0_token_<n>" and adds Transpose nodes named "Transpose", "Transpose_token_<n>". Nodes without a name
+are named `<op_type>_<position in the main graph>` here before profiling, so that fused kernels still carry
+a usable name (onnxruntime would call them "_token_<n>").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from graphopt import runtime
+from graphopt.graph import NameGenerator, consumers, copy_model, producers
+from graphopt.runtime import RuntimeSettings
+
+# Integer kernels onnxruntime runs for quantized groups (besides every op named QLinear*).
+INTEGER_OPS = frozenset(
+    {
+        "QGemm",
+        "QAttention",
+        "QEmbedLayerNormalization",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "MatMulNBits",
+        "MatMulBnb4",
+        "GatherBlockQuantized",
+        "ConvInteger",
+        "MatMulInteger",
+        "QOrderedMatMul",
+    }
+)
+
+
+@dataclass
+class NodeTime:
+    name: str
+    op_type: str
+    ms: float  # mean kernel time per run
+
+
+@dataclass
+class UnfusedChain:
+    dq: str
+    op: str
+    op_type: str
+    q: str
+
+
+def node_times(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings, rounds: int = 10) -> list[NodeTime]:
+    """Mean kernel time per run of every node onnxruntime executes at `settings` (names and op types of the
+    optimized graph), slowest first. One warm-up run (not counted), then `rounds` passes over `feeds`."""
+    if not feeds:
+        raise ValueError("node_times needs at least one feed")
+    with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
+        profiled = dataclasses.replace(settings, profile_prefix=os.path.join(tmp, "profile"))
+        sess = runtime.session(_named(model), profiled)
+        runtime.run(sess, feeds[0])
+        for _ in range(rounds):
+            for feed in feeds:
+                runtime.run(sess, feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    return _mean_kernel_times(events, runs=rounds * len(feeds))
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose unnamed main-graph nodes are named `<op_type>_<position>` (the model is left alone
+    when every node has a name)."""
+    if all(node.name for node in model.graph.node):
+        return model
+    copy = copy_model(model)
+    fresh = NameGenerator(copy)
+    for k, node in enumerate(copy.graph.node):
+        if not node.name:
+            node.name = fresh(f"{node.op_type}_{k}")
+    return copy
+
+
+def _mean_kernel_times(events: list[dict], runs: int) -> list[NodeTime]:
+    """Sum each node's "<name>_kernel_time" events after the first model run (the warm-up), per run."""
+    model_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    warm_end = model_runs[0][1] if model_runs else float("-inf")
+    total_us: dict[str, float] = defaultdict(float)
+    op_type: dict[str, str] = {}
+    suffix = "_kernel_time"
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith(suffix) or e["ts"] <= warm_end:
+            continue
+        name = e["name"][: -len(suffix)]
+        total_us[name] += e["dur"]
+        op_type[name] = e.get("args", {}).get("op_name", "")
+    times = [NodeTime(name, op_type[name], us / 1000.0 / runs) for name, us in total_us.items()]
+    return sorted(times, key=lambda t: -t.ms)
+
+
+def optimized_graph(model: onnx.ModelProto, settings: RuntimeSettings) -> onnx.ModelProto:
+    """The graph onnxruntime runs at `settings` (its fusions and layout changes applied), loaded back with
+    all tensor data in memory."""
+    with tempfile.TemporaryDirectory(prefix="graphopt-optimized-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        runtime.session(_named(model), dataclasses.replace(settings, optimized_model_path=path))
+        return onnx.load_model(path, load_external_data=True)
+
+
+def unfused_chains(optimized: onnx.ModelProto) -> list[UnfusedChain]:
+    """DequantizeLinear -> float op -> QuantizeLinear groups onnxruntime left in float (main graph).
+
+    A float node counts when one of its inputs comes straight from a DequantizeLinear and one of its
+    outputs goes straight into a QuantizeLinear; the DQ reported is the first of an activation (not of a
+    constant) when there is one. A DQ of weights feeding an op with no Q after it (weight-only MatMul) is
+    no chain."""
+    graph = optimized.graph
+    made_by, read_by = producers(graph), consumers(graph)
+    constants = {t.name for t in graph.initializer}
+    chains = []
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        dqs = [made_by[i] for i in node.input if i in made_by and made_by[i].op_type == "DequantizeLinear"]
+        qs = [c for o in node.output if o for c in read_by.get(o, []) if c.op_type == "QuantizeLinear"]
+        if not dqs or not qs:
+            continue
+        dq = next((d for d in dqs if d.input[0] not in constants), dqs[0])
+        chains.append(UnfusedChain(dq=dq.name, op=node.name, op_type=node.op_type, q=qs[0].name))
+    return chains
+
+
+def fused_op_counts(optimized: onnx.ModelProto) -> dict[str, int]:
+    """op_type -> count of the integer kernels (QLinear*, QGemm, MatMulIntegerToFloat, MatMulNBits, ...) in
+    onnxruntime's optimized graph; only those present."""
+    counts = Counter(n.op_type for n in optimized.graph.node if n.op_type.startswith("QLinear") or n.op_type in INTEGER_OPS)
+    return dict(counts)
