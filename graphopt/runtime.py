@@ -49,6 +49,9 @@ def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = Ru
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if settings.optimized_model_path:
         opts.optimized_model_filepath = settings.optimized_model_path
+        # weights go beside it, so an optimized model past protobuf's 2 GB limit can be saved too
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", os.path.basename(settings.optimized_model_path) + ".data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1048576")
     if settings.profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = settings.profile_prefix
