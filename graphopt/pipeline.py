@@ -6,7 +6,9 @@ feeds and compare with the outputs of the pass's input. A lossless pass must mat
 rounding (validate.py: a fixed tolerance, widened to twice the difference onnxruntime's own optimizations
 make on the input model, measured only when a pass needs it, unless `rounding_floor` is off); a lossy pass must keep fidelity to the original within the budget. Anything else - a
 PassError, a checker failure, a model onnxruntime cannot load, outputs out of tolerance - rolls the pass
-back, and the report says why. With `fixed_point`, the list is repeated until a round changes nothing.
+back, and the report says why. With `fixed_point`, the list is repeated until a round changes nothing;
+lossy passes run in the first round only (calibrating, measuring and timing again would cost as much as
+the first time, and the later rounds are there to clean up after them).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Pipeline:
         for round_no in range(1, (self.max_rounds if self.fixed_point else 1) + 1):
             changed_this_round = False
             for p in self.passes:
+                if round_no > 1 and not p.lossless:
+                    continue  # lossy passes run once; later rounds only clean up after them
                 record, accepted = self._run_pass(p, current, original, floors, ctx, round_no, report.checker_level, ran, check_deployable)
                 report.records.append(record)
                 ran.append(p.name)
@@ -96,7 +100,7 @@ class Pipeline:
 
     def _run_pass(self, p: Pass, current: "_Accepted", original, floors, ctx: PassContext, round_no: int, level: str, ran: list[str], check_deployable: bool):
         """Run one pass on a copy of the current model; returns its record and, if kept, the new state."""
-        record = PassRecord(p.name, round_no, "no change", before=current.stats, after=current.stats, options=p.options())
+        record = PassRecord(p.name, round_no, "no change", before=current.stats, after=current.stats, options=p.options(), lossless=p.lossless)
         candidate = copy_model(current.model)
         t0 = time.perf_counter()
         try:

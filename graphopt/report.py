@@ -41,6 +41,7 @@ class PassRecord:
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     latency_ms: tuple[float, float] | None = None  # (before, after) medians, for passes that claim speed or size
+    lossless: bool = True
 
 
 @dataclass
@@ -119,6 +120,8 @@ class Report:
 def _pass_lines(r: PassRecord) -> list[str]:
     """What a pass said beyond its counts: notes, ops quantized, nodes kept float and why."""
     lines = [f"{r.name}: {note}" for note in r.notes]
+    if not r.lossless and r.status == "no change":
+        lines += [f"{r.name}: not done: {why}" for why in r.refused[:5]]
     quantized = r.details.get("quantized")
     if quantized and r.status == "applied":
         lines.append(f"{r.name}: quantized " + ", ".join(f"{op} {n}" for op, n in sorted(quantized.items())))
