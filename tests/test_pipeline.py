@@ -291,3 +291,11 @@ def test_held_out_validation_feeds_are_used_when_given():
     swap.lossless = False
     result = graphopt.optimize(model, passes=[swap], data=calibration, val=held_out, strict=True)
     assert result.report.feeds.startswith("5 validation feeds")
+
+
+def test_lossy_passes_run_in_the_first_round_only():
+    lossy = FasterClaim()
+    lossy.claims = ""
+    result = graphopt.optimize(relu_neg_model(), passes=[lossy, OncePerModel()], strict=True)
+    names = [(r.name, r.round) for r in result.report.records]
+    assert names == [("claims-speed", 1), ("add-identity-once", 1), ("add-identity-once", 2)]
