@@ -32,11 +32,14 @@ quantize (wall and process CPU). A model onnxruntime cannot load or run is recor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +52,7 @@ from graphopt import bench, runtime
 from graphopt.data import Feed, FeedSet
 from graphopt.model import write_text
 from graphopt.passes_base import presets, registry
-from graphopt.report import table
+from graphopt.report import Report, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402  (benchmarks/ is not a package)
@@ -57,6 +60,7 @@ import tasks  # noqa: E402
 
 SCORING = "all"  # quality is measured at the onnxruntime level a user runs, where QDQ is fused
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "quantize.json"
+BEST_NOTE = "onnxruntime's best int8 setting"
 FALLBACK_PASSES = {"int8": ("quantize-static", "quantize-dynamic"), "int4": ("quantize-weights",)}
 
 
@@ -98,15 +102,17 @@ def ocr_calibration(count: int) -> list[Feed]:
     return [{"x": lines[i : i + 1]} for i in range(count)]
 
 
-def ocr_scored(count: int) -> tuple[list[Feed], list[str]]:
-    """Lines from the second half of the sentence file, all four DejaVu faces in turn."""
+def ocr_scored(count: int) -> tuple[list[Feed], tuple[list[str], list[str]]]:
+    """Lines from the second half of the sentence file, all four DejaVu faces in turn; the truth is
+    (texts, the model's CTC alphabet)."""
     texts = models.sentence_snippets(count, start=512)
     lines = models.render_text_lines(texts, fonts=models.OCR_FONTS)
-    return [{"x": lines[i : i + 1]} for i in range(count)], texts
-
-
-def ocr_score(outputs: list[dict], reference: list[dict], truth: list[str]) -> dict:
     characters = tasks.ocr_characters(onnx.load(str(models.ppocr_rec_path()), load_external_data=False))
+    return [{"x": lines[i : i + 1]} for i in range(count)], (texts, characters)
+
+
+def ocr_score(outputs: list[dict], reference: list[dict], truth: tuple[list[str], list[str]]) -> dict:
+    truth, characters = truth
     predicted = [tasks.ctc_greedy_decode(next(iter(o.values())), characters)[0] for o in outputs]
     return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
 
@@ -175,10 +181,11 @@ class Variant:
     metrics: dict = field(default_factory=dict)
     median_ms: float | None = None
     notes: list[str] = field(default_factory=list)
+    report: Report | None = None  # graphopt's per-pass report
 
     def as_dict(self) -> dict:
         keep = ("label", "family", "config", "seconds", "cpu_seconds", "error", "size_bytes", "metrics", "median_ms", "notes")
-        return {k: getattr(self, k) for k in keep}
+        return {k: getattr(self, k) for k in keep} | ({"graphopt_report": self.report.to_dict()} if self.report else {})
 
 
 def build(variant: Variant, make: Callable[[], onnx.ModelProto]) -> Variant:
@@ -238,13 +245,25 @@ class FeedReader:
         return next(self._pending, None)
 
 
-def ort_quantize(config: OrtConfig, source: Path, calibration: list[Feed], workdir: Path) -> onnx.ModelProto:
+def ort_quantize(config: OrtConfig, source: Path, calibration: list[Feed], workdir: Path, notes: list[str]) -> onnx.ModelProto:
+    """onnxruntime's quantizer with `config`, run inside `workdir` (its shape inference leaves temporary
+    files in the working directory)."""
+    with contextlib.chdir(workdir), warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # its zero-point arithmetic warns on all-zero ranges, per tensor
+        return _ort_quantize(config, source, calibration, workdir, notes)
+
+
+def _ort_quantize(config: OrtConfig, source: Path, calibration: list[Feed], workdir: Path, notes: list[str]) -> onnx.ModelProto:
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if config.preprocess:
         prepared = workdir / "pre.onnx"
-        quant_pre_process(str(source), str(prepared))
+        try:
+            quant_pre_process(str(source), str(prepared))
+        except Exception as exc:  # symbolic shape inference gives up on some dynamic shapes; users then skip it
+            notes.append(f"pre-processed without symbolic shapes ({_first_line(exc)})")
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         source = prepared
     out = workdir / "out.onnx"
     if config.mode == "int4":
@@ -270,13 +289,17 @@ def ort_quantize(config: OrtConfig, source: Path, calibration: list[Feed], workd
     return graphopt.load(out)
 
 
+DEFAULT_EQUIVALENTS = (OrtConfig("static"), OrtConfig("dynamic"))  # what the default calls run
+
+
 def ort_grid(quick: bool, with_int4: bool) -> tuple[list[OrtConfig], list[OrtConfig]]:
-    """(first stage, calibration methods to try on the best static point of the first stage)."""
+    """(grid points besides the defaults, calibration methods to try on the best static point so far)."""
     if quick:
         first = [OrtConfig("static", pc, "U8", preprocess=True) for pc in (False, True)] + [OrtConfig("dynamic", True, preprocess=True)]
         return first + ([OrtConfig("int4")] if with_int4 else []), []
     first = [OrtConfig("static", pc, act, preprocess=pre) for pre in (False, True) for pc in (False, True) for act in ("U8", "S8")]
     first += [OrtConfig("dynamic", pc, preprocess=pre) for pre in (False, True) for pc in (False, True)]
+    first = [c for c in first if c not in DEFAULT_EQUIVALENTS]
     return first + ([OrtConfig("int4")] if with_int4 else []), [OrtConfig("static", calibrate=c) for c in ("Percentile", "Entropy")]
 
 
@@ -296,10 +319,16 @@ def graphopt_plans(preset: str) -> tuple[list[tuple[str, dict]], str]:
     return plans, f"graphopt {preset}: no preset {preset!r} yet; lossless + {', '.join(stand_ins)} instead"
 
 
-def graphopt_quantize(original: onnx.ModelProto, calibration: list[Feed], threads: int, kwargs: dict) -> tuple[onnx.ModelProto, dict]:
+def graphopt_quantize(variant: Variant, original: onnx.ModelProto, calibration: list[Feed], threads: int, kwargs: dict) -> onnx.ModelProto:
+    """graphopt.optimize on the calibration feeds (it splits them itself: the first half calibrates, the
+    second validates the budget); the scored feeds stay unseen."""
     feeds = FeedSet(calibration, None, f"{len(calibration)} calibration feeds")
     result = graphopt.optimize(original, data=feeds, max_feeds=len(calibration), threads=threads, **kwargs)
-    return result.model, result.report.to_dict()
+    variant.report = result.report
+    lossless = set(presets()["lossless"])
+    last = {r.name: r for r in result.report.records if r.name not in lossless}  # the final round's word
+    variant.notes += [f"{r.name}: {r.status}{': ' + r.reason if r.reason else ''}" for r in last.values()]
+    return result.model
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -310,7 +339,7 @@ def outputs_of(variant: Variant, feeds: list[Feed], threads: int) -> list[dict] 
     try:
         outs = runtime.run_all(variant.model, feeds, runtime.RuntimeSettings(level=SCORING, threads=threads), what=variant.label)
     except graphopt.UserError as exc:
-        variant.error = f"invalid: {exc}"
+        variant.error = f"invalid: {str(exc).removeprefix(f'onnxruntime cannot load {variant.label}: ')}"
         return None
     for out, feed in zip(outs, feeds):
         if "attention_mask" in feed:
@@ -344,7 +373,7 @@ def time_variants(timed: list[Variant], feeds: list[Feed], threads: int, rounds:
 def run_workload(work: Workload, args: argparse.Namespace) -> dict:
     path = work.path()
     original = graphopt.load(path)
-    scored_count = args.scored or work.counts[args.quick]
+    scored_count = args.scored or work.counts[1 if args.quick else 0]
     calibration = work.calibration(args.calibration)
     feeds, truth = work.scored(scored_count)
     print(f"\n=== {work.name}: {path.name}; {len(calibration)} calibration feeds, {len(feeds)} scored feeds", flush=True)
@@ -368,36 +397,33 @@ def run_workload(work: Workload, args: argparse.Namespace) -> dict:
     add(Variant("fp32 clean", "fp32"), lambda: graphopt.optimize(original, data=FeedSet(calibration, None, "calibration"), max_feeds=len(calibration), threads=args.threads).model)
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:
         workdir = Path(tmp)
-        ort = lambda c: lambda: ort_quantize(c, path, calibration, workdir)  # noqa: E731
-        for config in (OrtConfig("static", default=True), OrtConfig("dynamic", default=True)):
-            add(Variant(config.label, "ort", vars(config)), ort(config))
+
+        def ort(config: OrtConfig) -> Variant:
+            variant = Variant(config.label, "ort" if config.default else "ort-grid", vars(config))
+            return add(variant, lambda: ort_quantize(config, path, calibration, workdir, variant.notes))
+
         first, calibrators = ort_grid(args.quick, "int4" in work.presets)
-        grid = [add(Variant(c.label, "ort-grid", vars(c)), ort(c)) for c in first]
-        statics = [(v, c) for v, c in zip(grid, first) if c.mode == "static" and v.model is not None]
+        configs = [OrtConfig("static", default=True), OrtConfig("dynamic", default=True), *first]
+        ort_rows = [ort(c) for c in configs]
+        statics = [(v, c) for v, c in zip(ort_rows, configs) if c.mode == "static" and v.model is not None]
         if statics and calibrators:
             _, best = max(statics, key=lambda vc: vc[0].metrics[work.primary])
             for method in calibrators:
                 c = OrtConfig("static", best.per_channel, best.activation, method.calibrate, best.preprocess)
-                grid.append(add(Variant(c.label, "ort-grid", vars(c)), ort(c)))
-    int8_grid = [v for v in grid if v.model is not None and v.config.get("mode") != "int4"]
-    if int8_grid:
-        best = max(int8_grid, key=lambda v: v.metrics[work.primary])
+                ort_rows.append(ort(c))
+    int8_rows = [v for v in ort_rows if v.model is not None and v.config.get("mode") != "int4"]
+    if int8_rows:
+        best = max(int8_rows, key=lambda v: v.metrics[work.primary])
         best.family = "ort"
-        best.notes.append("ort best (int8 grid)")
+        best.notes.append(BEST_NOTE)
     for preset in work.presets:
         plans, note = graphopt_plans(preset)
         if note:
             print(f"  {note}", flush=True)
             notes.append(note)
         for label, kwargs in plans:
-            report = {}
-
-            def make(kwargs=kwargs, report=report):
-                model, report["report"] = graphopt_quantize(original, calibration, args.threads, kwargs)
-                return model
-
-            v = add(Variant(label, "graphopt", {"preset": preset, **kwargs}), make)
-            v.config["report"] = report.get("report")
+            v = Variant(label, "graphopt", {"preset": preset, **kwargs})
+            add(v, lambda v=v, kwargs=kwargs: graphopt_quantize(v, original, calibration, args.threads, kwargs))
 
     timed = [v for v in variants if v.model is not None and (v.family in ("fp32", "ort", "graphopt") or v.config.get("mode") == "int4")]
     print(f"  timing {len(timed)} variants, {args.rounds} interleaved rounds, threads {args.threads} ...", flush=True)
@@ -408,6 +434,9 @@ def run_workload(work: Workload, args: argparse.Namespace) -> dict:
     verdicts = check_targets(variants, work)
     for line in verdicts:
         print("  " + line)
+    for v in variants:
+        if v.family == "graphopt" and v.report is not None:
+            print(f"\n{v.label} per-pass report ({work.name}):\n{v.report.pass_table()}")
     for v in variants:
         v.model = None
     return {
@@ -424,7 +453,7 @@ def _metrics_line(v: Variant, work: Workload) -> str:
 def check_targets(variants: list[Variant], work: Workload) -> list[str]:
     lines = []
     for v in variants:
-        if v.family != "graphopt" or v.model is None and not v.metrics:
+        if v.family != "graphopt":
             continue
         for target in work.targets.get(v.config["preset"], ()):
             met = target.met(v.metrics)
@@ -447,7 +476,7 @@ def format_table(variants: list[Variant], work: Workload) -> str:
     for v in variants:
         m = v.metrics
         rows.append((
-            v.label + (" *" if "ort best (int8 grid)" in v.notes else ""),
+            v.label + (" *" if BEST_NOTE in v.notes else ""),
             *(_fmt(m.get(key), spec) for key, _, spec in quality),
             _fmt(v.median_ms, "{:.2f}"),
             _fmt(m.get("speedup"), "{:.2f}x"),
@@ -455,9 +484,14 @@ def format_table(variants: list[Variant], work: Workload) -> str:
             _fmt(m.get("size_ratio"), "{:.3f}"),
             "" if v.label == "fp32" else f"{v.seconds:.1f}",
             "" if v.label == "fp32" else f"{v.cpu_seconds:.1f}",
-            v.error,
+            _short("; ".join([v.error] * bool(v.error) + [n for n in v.notes if n != BEST_NOTE])),
         ))
     return table(rows) + "\n(* = onnxruntime's best setting by " + work.primary + "; speed-up = fp32 median / median)"
+
+
+def _short(text: str, limit: int = 110) -> str:
+    """Notes cut for the table (the JSON keeps them whole)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _fmt(value, spec: str) -> str:
@@ -475,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for scoring and timing (default 2)")
     parser.add_argument("--json", metavar="OUT", default=str(DEFAULT_JSON), help=f"write the results as JSON (default {DEFAULT_JSON})")
     args = parser.parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice to pre-process, per call
     if args.quick:
         args.calibration = min(args.calibration, 16)
         args.rounds = min(args.rounds, 20)
