@@ -6,7 +6,10 @@ Definitions (per output, over all validation feeds):
   element-wise ratio explodes on near-zero elements and says nothing).
 - cosine: the lowest per-feed cosine similarity of the flattened outputs.
 - top1: share of positions whose argmax over the last axis agrees, for outputs that look like class
-  scores (float, rank >= 2, last axis of 2..100000 entries); None otherwise.
+  scores: float with a last axis of 2..100000 entries, and either rank 2 ([batch, classes] logits or
+  probabilities) or probabilities along the last axis (non-negative, rows summing to 1, e.g. a CTC
+  recognizer's [batch, time, classes] softmax). None otherwise: the argmax over a transformer's hidden
+  units or a detector's anchors ([1, 4 + classes, anchors]) means nothing, and would fail any budget.
 
 A lossless rewrite must match within float rounding: integer and bool outputs exactly, NaNs in the same
 places, shapes equal, and max_abs <= rtol * max(1, max|reference|) + atol, or, when a rounding floor is
@@ -135,7 +138,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _looks_like_scores(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" and array.ndim >= 2 and 2 <= array.shape[-1] <= 100_000
+    if array.dtype.kind != "f" or array.ndim < 2 or not 2 <= array.shape[-1] <= 100_000:
+        return False
+    if array.ndim == 2:
+        return True
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.all(array >= 0) and np.allclose(array.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def output_scale(reference: list[dict[str, np.ndarray]], name: str) -> float:

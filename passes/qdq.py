@@ -62,7 +62,7 @@ def weight_axis(node: onnx.NodeProto, rank: int) -> int | None:
 
 
 def weight(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """The value of a float weight (initializer or Constant output), or None if `name` is computed."""
+    """The value of a float initializer (run lift-constants first for Constant-node weights), or None."""
     value = constant_value(graph, name)
     if value is None or value.dtype.kind != "f":
         return None

@@ -108,3 +108,15 @@ def test_parse_fidelity_global_and_per_output():
         validate.parse_fidelity("cosin=0.9")
     with pytest.raises(UserError, match="not a number"):
         validate.parse_fidelity("cosine=high")
+
+
+def test_top1_only_for_outputs_that_look_like_class_scores():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 10)).astype(np.float32)
+    probs = np.exp(rng.normal(size=(1, 5, 7))).astype(np.float32)
+    probs /= probs.sum(-1, keepdims=True)
+    detections = rng.uniform(0, 300, size=(1, 22, 50)).astype(np.float32)  # [1, 4 + classes, anchors]
+    hidden = rng.normal(size=(1, 8, 16)).astype(np.float32)  # a transformer's hidden state
+    diffs = validate.compare([{"l": logits, "p": probs, "d": detections, "h": hidden}], [{"l": logits, "p": probs, "d": detections, "h": hidden}])
+    assert diffs["l"].top1 == 1.0 and diffs["p"].top1 == 1.0
+    assert diffs["d"].top1 is None and diffs["h"].top1 is None
