@@ -1,0 +1,494 @@
+"""quantize-static: static int8 QDQ placement, weight axes, bias scales, onnxruntime fusion, fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+from graphopt import profiling
+from graphopt.activations import ActivationCache
+from graphopt.graph import copy_model
+from graphopt.passes.quantize_static import DECISION_KEY, QuantizeStatic, Unit, slower_units
+from graphopt.passes_base import PassContext, make_pass
+from graphopt.profiling import NodeTime
+from graphopt.runtime import RuntimeSettings
+from graphopt.validate import Budget
+from tests.helpers import make_model, op_types, ort_outputs, seeded_feeds
+
+RNG = np.random.default_rng(0)
+COSINE_ONLY = Budget(min_cosine=0.99, min_top1=None)
+
+
+def tensor(name, shape, scale=0.3):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def vi(name, shape):
+    return helper.make_tensor_value_info(name, TP.FLOAT, shape)
+
+
+def quantize(model, feeds=None, budget=COSINE_ONLY, **options):
+    """Run the pass (uint8 activations, no latency fallback unless given) on a copy: (after, result)."""
+    options = {"activations": "uint8", "latency_fallback": False, **options}
+    feeds = seeded_feeds(model, 8) if feeds is None else feeds
+    after = copy_model(model)
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=budget)
+    return after, QuantizeStatic(**options).run(after, ctx)
+
+
+def fused(model):
+    """op types onnxruntime runs at level all, and the chains it left unfused."""
+    optimized = profiling.optimized_graph(model, RuntimeSettings(level="all"))
+    return [n.op_type for n in optimized.graph.node], profiling.unfused_chains(optimized)
+
+
+def cosine(before, after, feeds):
+    worst = 1.0
+    for ref, got in zip(ort_outputs(before, feeds), ort_outputs(after, feeds)):
+        for name in ref:
+            a, b = ref[name].ravel().astype(np.float64), got[name].ravel().astype(np.float64)
+            norms = np.linalg.norm(a) * np.linalg.norm(b)
+            worst = min(worst, float(a @ b / norms) if norms > 0 else 0.0)
+    return worst
+
+
+def node(model, op_type, k=0):
+    return [n for n in model.graph.node if n.op_type == op_type][k]
+
+
+def init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def producer(model, name):
+    return next(n for n in model.graph.node if name in n.output)
+
+
+def axis_of(dq):
+    return next((a.i for a in dq.attribute if a.name == "axis"), None)
+
+
+def check_close(before, after, seed=1):
+    """Quantized outputs stay close to float on feeds the calibration never saw."""
+    onnx.checker.check_model(after, full_check=True)
+    assert cosine(before, after, seeded_feeds(before, 4, seed=seed)) > 0.99
+
+
+def test_registered_under_its_name():
+    assert isinstance(make_pass("quantize-static"), QuantizeStatic)
+    assert QuantizeStatic.claims == "speed" and not QuantizeStatic.lossless
+
+
+def conv_relu_model():
+    """x -> Conv(W, b) -> Relu -> y"""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return make_model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", [1, 8, 8, 8])], [tensor("w", [8, 4, 3, 3]), tensor("b", [8])])
+
+
+def test_conv_relu_q_after_relu_bias_int32_and_fused():
+    """x -> Conv -> Relu -> y: Q/DQ on x, int8 weight per output channel, int32 bias, the Q after the Relu."""
+    before = conv_relu_model()
+    after, result = quantize(before)
+    assert result.changed and result.details["quantized"] == {"Conv": 1}
+    assert op_types(after) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu", "QuantizeLinear", "DequantizeLinear"]
+    conv = node(after, "Conv")
+    w_dq, b_dq, x_dq = producer(after, conv.input[1]), producer(after, conv.input[2]), producer(after, conv.input[0])
+    assert axis_of(w_dq) == 0 and init(after, w_dq.input[0]).dtype == np.int8 and init(after, w_dq.input[1]).shape == (8,)
+    bias = init(after, b_dq.input[0])
+    assert bias.dtype == np.int32 and axis_of(b_dq) == 0 and not init(after, b_dq.input[2]).any()
+    np.testing.assert_allclose(init(after, b_dq.input[1]), init(after, x_dq.input[1]) * init(after, w_dq.input[1]), rtol=1e-6)
+    q_out = node(after, "QuantizeLinear", 1)
+    assert q_out.input[0] == node(after, "Relu").output[0] and after.graph.node[-1].output[0] == "y"
+    assert init(after, q_out.input[2]) == 0  # the range starts at 0: onnxruntime folds the Relu into the Q
+    ops, chains = fused(after)
+    assert "QLinearConv" in ops and "Relu" not in ops and chains == []
+    check_close(before, after)
+
+
+def test_clip_relu6_is_folded():
+    """x -> Conv -> Clip(0, 6) -> y: the Q goes after the Clip, which onnxruntime folds."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip")]
+    inits = [tensor("w", [8, 4, 1, 1], 2.0), numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 8, 6, 6])], inits)
+    after, result = quantize(before)
+    assert node(after, "QuantizeLinear", 1).input[0] == node(after, "Clip").output[0]
+    ops, chains = fused(after)
+    assert "QLinearConv" in ops and "Clip" not in ops and chains == []
+    check_close(before, after)
+
+
+def test_depthwise_conv():
+    """x -> Conv(group = channels) -> y"""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="dw", group=8, pads=[1, 1, 1, 1])]
+    before = make_model(nodes, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], [tensor("w", [8, 1, 3, 3]), tensor("b", [8])])
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 1} and axis_of(producer(after, node(after, "Conv").input[1])) == 0
+    ops, chains = fused(after)
+    assert "QLinearConv" in ops and chains == []
+    check_close(before, after)
+
+
+def test_conv_transpose_is_refused_as_not_fused():
+    """x -> ConvTranspose -> y: onnxruntime has no QDQ ConvTranspose kernel on CPU, so nothing to quantize."""
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv")]
+    before = make_model(nodes, [vi("x", [1, 4, 4, 4])], [vi("y", [1, 6, 6, 6])], [tensor("w", [4, 6, 3, 3])])
+    after, result = quantize(before)
+    assert not result.changed and op_types(after) == ["ConvTranspose"]
+    assert result.refused and "no node that onnxruntime fuses" in result.refused[0]
+    assert result.details["kept_float"] == [{"node": "deconv", "op_type": "ConvTranspose", "reason": "unsupported", "detail": "onnxruntime 1.32 has no QDQ ConvTranspose kernel on CPU"}]
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_weight_axis_follows_trans_b(trans_b):
+    """x[4,64] -> Gemm(B, C, transB) -> y[4,32]"""
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=trans_b)]
+    before = make_model(nodes, [vi("x", [4, 64])], [vi("y", [4, 32])], [tensor("w", [32, 64] if trans_b else [64, 32]), tensor("c", [32])])
+    after, result = quantize(before)
+    gemm = node(after, "Gemm")
+    assert axis_of(producer(after, gemm.input[1])) == (0 if trans_b else 1)
+    b_dq = producer(after, gemm.input[2])
+    assert init(after, b_dq.input[0]).dtype == np.int32 and init(after, b_dq.input[1]).shape == (32,)
+    ops, chains = fused(after)
+    assert "QGemm" in ops and chains == []
+    check_close(before, after)
+
+
+def test_gemm_with_alpha_stays_float():
+    """x -> Gemm(alpha=0.5) -> y: onnxruntime does not fuse it, so it is not quantized."""
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], name="gemm", alpha=0.5)]
+    before = make_model(nodes, [vi("x", [2, 16])], [vi("y", [2, 8])], [tensor("w", [16, 8])])
+    after, result = quantize(before)
+    assert not result.changed and result.details["kept_float"][0]["detail"] == "Gemm with alpha or beta != 1 or transA is not fused by onnxruntime"
+
+
+def test_matmul_weight_per_column():
+    """x[2,3,16] -> MatMul(W[16,8]) -> y"""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    before = make_model(nodes, [vi("x", [2, 3, 16])], [vi("y", [2, 3, 8])], [tensor("w", [16, 8])])
+    after, result = quantize(before)
+    assert op_types(after) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "QuantizeLinear", "DequantizeLinear"]
+    w_dq = producer(after, node(after, "MatMul").input[1])
+    assert axis_of(w_dq) == 1 and init(after, w_dq.input[1]).shape == (8,)
+    ops, chains = fused(after)
+    assert ("QLinearMatMul" in ops or "MatMulIntegerToFloat" in ops) and chains == []
+    check_close(before, after)
+
+
+def residual_model():
+    """x -> Conv -> Relu -> r -> Conv -> Add(r) -> y"""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r"], ["y"], name="add"),
+    ]
+    inits = [tensor("w1", [4, 4, 3, 3]), tensor("b1", [4]), tensor("w2", [4, 4, 3, 3]), tensor("b2", [4])]
+    return make_model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", [1, 4, 8, 8])], inits)
+
+
+def test_residual_add_shares_one_qdq_per_tensor():
+    """The Relu output r feeds conv2 and the Add through one Q -> DQ pair; everything fuses."""
+    before = residual_model()
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 2, "Add": 1}
+    assert sum(n.op_type == "QuantizeLinear" and n.input[0] == "r" for n in after.graph.node) == 1
+    r_dq = next(n.output[0] for n in after.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "r_q")
+    assert node(after, "Conv", 1).input[0] == r_dq and node(after, "Add").input[1] == r_dq
+    ops, chains = fused(after)
+    assert ops.count("QLinearConv") == 2 and "QLinearAdd" in ops and chains == []
+    check_close(before, after)
+
+
+def test_concat():
+    """x -> Conv a, Conv b -> Concat -> y"""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Concat", ["a", "b"], ["y"], name="concat", axis=1),
+    ]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 10, 6, 6])], [tensor("wa", [4, 4, 1, 1]), tensor("wb", [6, 4, 1, 1])])
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 2, "Concat": 1}
+    ops, chains = fused(after)
+    assert ops.count("QLinearConv") == 2 and "QLinearConcat" in ops and chains == []
+    check_close(before, after)
+
+
+def test_lopsided_concat_stays_float():
+    """x -> Conv a (outputs ~100x larger), Conv b -> Concat -> y: one output scale would leave b's values a
+    few levels, so the Concat keeps float (reason "sensitive") while both Convs are quantized."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Concat", ["a", "b"], ["y"], name="concat", axis=1),
+    ]
+    inits = [tensor("wa", [4, 4, 1, 1], 30.0), tensor("wb", [6, 4, 1, 1], 0.3)]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 10, 6, 6])], inits)
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 2} and node(after, "Concat").output[0] == "y"
+    [entry] = result.details["kept_float"]
+    assert entry["node"] == "concat" and entry["reason"] == "sensitive" and "input 'b' spans" in entry["detail"]
+    ops, chains = fused(after)
+    assert ops.count("QLinearConv") == 2 and chains == []
+
+
+def test_shared_weight_has_one_dequantize():
+    """x -> Conv(w) -> Relu -> Conv(w) -> y: w is quantized once, one DequantizeLinear feeds both Convs."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 4, 6, 6])], [tensor("w", [4, 4, 3, 3])])
+    after, result = quantize(before)
+    first, second = node(after, "Conv", 0), node(after, "Conv", 1)
+    assert first.input[1] == second.input[1]
+    assert sum(n.op_type == "DequantizeLinear" and n.output[0] == first.input[1] for n in after.graph.node) == 1
+    assert "w" not in {t.name for t in after.graph.initializer}  # the float weight is gone
+    ops, chains = fused(after)
+    assert ops.count("QLinearConv") == 2 and chains == []
+    check_close(before, after)
+
+
+def test_constant_node_weight():
+    """x -> Conv(W from a Constant node) -> y: quantized; the Constant node goes."""
+    w = tensor("w", [8, 4, 3, 3])
+    nodes = [helper.make_node("Constant", [], ["w"], name="const", value=w), helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 8, 4, 4])])
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 1} and "Constant" not in op_types(after)
+    assert axis_of(producer(after, node(after, "Conv").input[1])) == 0
+    ops, chains = fused(after)
+    assert "QLinearConv" in ops and chains == []
+    check_close(before, after)
+
+
+def test_opset_12_is_upgraded_and_said():
+    """x -> Conv -> Relu -> y at opset 12: per-axis DequantizeLinear needs 13."""
+    model = conv_relu_model()
+    model.opset_import[0].version = 12
+    after, result = quantize(model)
+    assert result.changed and after.opset_import[0].version == 13
+    assert any("upgraded the opset from 12 to 13" in note for note in result.notes)
+    check_close(model, after)
+
+
+def test_data_movement_shares_its_input_scale():
+    """x -> Conv -> Relu -> MaxPool -> Reshape -> MatMul(W) -> y: MaxPool and Reshape pass integers through."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+        helper.make_node("MatMul", ["f", "m"], ["y"], name="mm"),
+    ]
+    inits = [tensor("w", [4, 4, 1, 1]), numpy_helper.from_array(np.array([1, 16], np.int64), "shape"), tensor("m", [16, 5])]
+    before = make_model(nodes, [vi("x", [1, 4, 4, 4])], [vi("y", [1, 5])], inits)
+    after, result = quantize(before)
+    scales = {n.input[0]: n.input[1] for n in after.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales["p"] == scales["r"] and scales["f"] == scales["r"]
+    ops, chains = fused(after)
+    assert "QLinearConv" in ops and "QLinearMatMul" in ops and chains == []
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1  # only at the model's edges
+    check_close(before, after)
+
+
+def test_split_gets_a_pair_on_every_output():
+    """x -> Conv -> Split -> (s0 -> Conv -> y0, s1 -> y1): s1 is quantized too, so onnxruntime moves
+    integers through the Split."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+        helper.make_node("Split", ["c"], ["s0", "s1"], name="split", axis=1, num_outputs=2),
+        helper.make_node("Conv", ["s0", "w2"], ["y0"], name="conv2"),
+    ]
+    inits = [tensor("w1", [8, 4, 1, 1]), tensor("w2", [4, 4, 1, 1])]
+    before = make_model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y0", [1, 4, 5, 5]), vi("s1", [1, 4, 5, 5])], inits, opset=18)
+    after, result = quantize(before)
+    scales = {n.name: n.input[1] for n in after.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales["s0_QuantizeLinear"] == scales["c_QuantizeLinear"] == scales["s1_QuantizeLinear"]
+    assert producer(after, "s1").op_type == "DequantizeLinear"  # the graph output keeps its name
+    ops, chains = fused(after)
+    assert ops.count("QLinearConv") == 2 and "Split" in ops and chains == []
+    check_close(before, after)
+
+
+def test_float_node_between_quantized_nodes_is_not_left_in_a_chain():
+    """x -> Conv -> Tanh -> Conv -> y: onnxruntime runs Tanh in float, so quantizing the second Conv would
+    leave DQ -> Tanh -> Q; that Conv goes back to float (reason "not fused") and no chain is left."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+        helper.make_node("Tanh", ["c"], ["t"], name="tanh"),
+        helper.make_node("Conv", ["t", "w2"], ["y"], name="conv2"),
+    ]
+    before = make_model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", [1, 4, 5, 5])], [tensor("w1", [4, 4, 1, 1]), tensor("w2", [4, 4, 1, 1])])
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 1}
+    [entry] = result.details["kept_float"]
+    assert entry["node"] == "conv2" and entry["reason"] == "not fused" and "float Tanh 'tanh'" in entry["detail"]
+    ops, chains = fused(after)
+    assert "QLinearConv" in ops and chains == [] and result.details["unfused_chains"] == []
+    check_close(before, after)
+
+
+def outlier_model():
+    """x[1,8,16] -> MatMul(Wm) -> ym ; z[1,4,6,6] -> Conv(Wc) -> yc (two outputs)"""
+    nodes = [helper.make_node("MatMul", ["x", "wm"], ["ym"], name="mm"), helper.make_node("Conv", ["z", "wc"], ["yc"], name="conv")]
+    wm = RNG.standard_normal((16, 8)).astype(np.float32)
+    wm[0] = 1e-4  # the outlier channel barely matters to the output
+    inits = [numpy_helper.from_array(wm, "wm"), tensor("wc", [4, 4, 1, 1])]
+    return make_model(nodes, [vi("x", [1, 8, 16]), vi("z", [1, 4, 6, 6])], [vi("ym", [1, 8, 8]), vi("yc", [1, 4, 6, 6])], inits)
+
+
+def outlier_feeds(model, n, seed):
+    feeds = seeded_feeds(model, n, seed=seed)
+    for f in feeds:
+        f["x"][..., 0] *= 5000.0  # one huge input channel: a per-tensor uint8 scale wipes out the others
+    return feeds
+
+
+def test_sensitive_node_stays_float():
+    """The MatMul whose input has a huge outlier channel goes back to float; the Conv stays quantized."""
+    before = outlier_model()
+    after, result = quantize(before, outlier_feeds(before, 8, 0))
+    assert result.changed and result.details["quantized"] == {"Conv": 1}
+    kept = result.details["kept_float"]
+    assert [(k["node"], k["reason"]) for k in kept] == [("mm", "sensitive")] and result.counts["kept_float_sensitive"] == 1
+    assert "cosine" in kept[0]["detail"]
+    assert cosine(before, after, outlier_feeds(before, 4, 1)) > 0.99
+
+
+def test_without_fallback_everything_is_quantized():
+    """fallback=False: the same model keeps the MatMul quantized (and loses accuracy)."""
+    before = outlier_model()
+    after, result = quantize(before, outlier_feeds(before, 8, 0), fallback=False)
+    assert result.details["quantized"] == {"Conv": 1, "MatMul": 1}
+    assert cosine(before, after, outlier_feeds(before, 4, 1)) < 0.99
+
+
+def test_refused_when_no_node_stays_within_budget():
+    """x -> MatMul (outlier input) -> y alone: no quantized node keeps the budget, so the pass refuses."""
+    model = outlier_model()
+    model.graph.node.pop()  # drop the Conv
+    model.graph.output.pop()
+    model.graph.input.pop()
+    after, result = quantize(model, outlier_feeds(model, 8, 0))
+    assert not result.changed and op_types(after) == ["MatMul"]
+    assert result.refused[0].startswith("no set of quantized nodes stays within the budget on the calibration feeds")
+
+
+def test_refused_when_nothing_is_fusable():
+    """x -> Relu -> Softmax -> y: no op onnxruntime fuses into an integer kernel."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Softmax", ["r"], ["y"])]
+    model = make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])])
+    after, result = quantize(model)
+    assert not result.changed and op_types(after) == ["Relu", "Softmax"]
+    assert result.refused == ["no node that onnxruntime fuses into an integer kernel can be quantized here (no Conv, Gemm, MatMul, Add, Mul, Concat, Where, Sigmoid, LeakyRelu or pooling node)"]
+
+
+def test_ops_option_restricts_op_types():
+    """ops=Conv on the residual model: the Add stays float."""
+    after, result = quantize(residual_model(), ops="Conv")
+    assert result.details["quantized"] == {"Conv": 2}
+    assert node(after, "Add").output[0] == "y"
+
+
+def test_subgraph_nodes_stay_float_and_said():
+    """x -> Conv -> c ; If(cond) { c -> Conv -> out } -> y: the Conv in the body is left float."""
+    body_conv = helper.make_node("Conv", ["c", "w2"], ["inner"], name="inner_conv")
+    branch = helper.make_graph([body_conv], "branch", [], [vi("inner", [1, 4, 6, 6])], initializer=[tensor("w2", [4, 4, 1, 1])])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=branch),
+    ]
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 4, 6, 6])], [tensor("w", [4, 4, 1, 1]), cond])
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 1} and result.details["subgraphs"] == "2 nodes inside If/Loop/Scan bodies left float"
+    then_branch = next(a.g for a in node(after, "If").attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_branch.node] == ["Conv"]
+    check_close(before, after)
+
+
+def test_auto_activation_type_reuses_the_cached_decision():
+    """activations=auto with a decision already in ctx.decisions uses it without measuring."""
+    model = residual_model()
+    feeds = seeded_feeds(model, 8)
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=COSINE_ONLY, decisions={DECISION_KEY: "uint8"})
+    ctx.latency = None  # would fail if called
+    result = QuantizeStatic(activations="auto", latency_fallback=False).run(model, ctx)
+    assert result.details["activation_type"] == "uint8" and "measured earlier" in result.notes[-1]
+
+
+def test_auto_activation_type_is_measured_and_cached():
+    """activations=auto: the type is decided (fusion first, then timing) and stored in ctx.decisions."""
+    model = residual_model()
+    feeds = seeded_feeds(model, 8)
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=COSINE_ONLY, bench_rounds=2)
+    result = QuantizeStatic(activations="auto", latency_fallback=False).run(model, ctx)
+    assert ctx.decisions[DECISION_KEY] == result.details["activation_type"] in ("uint8", "int8")
+    assert any(note.startswith(f"{result.details['activation_type']} activations (") for note in result.notes)
+
+
+def test_bias_correction_changes_the_bias():
+    """The corrected bias differs from the plainly quantized one by the measured mean shift."""
+    model = conv_relu_model()
+    plain, _ = quantize(model, bias_correction=False)
+    corrected, _ = quantize(model, bias_correction=True)
+    b_plain = init(plain, producer(plain, node(plain, "Conv").input[2]).input[0])
+    b_corrected = init(corrected, producer(corrected, node(corrected, "Conv").input[2]).input[0])
+    assert not np.array_equal(b_plain, b_corrected)
+    check_close(model, corrected)
+
+
+def test_bad_option_is_a_pass_error():
+    from graphopt.errors import PassError
+
+    with pytest.raises(PassError, match="method 'kl'"):
+        quantize(conv_relu_model(), method="kl")
+
+
+# ------------------------------------------------------------------------------- latency decision (pure)
+
+
+def unit(name, act_name=""):
+    return Unit(0, name, "Conv", {0: f"{name}_in"}, output=f"{name}_out", act_name=act_name)
+
+
+def test_slower_units_charges_qdq_and_maps_fused_names():
+    """conv_a: QLinearConv (renamed by the NHWC pass) + its input Q is slower than float Conv + Relu;
+    conv_b: faster even with its share of a DQ."""
+    units = [unit("conv_a", act_name="relu_a"), unit("conv_b")]
+    float_times = [NodeTime("conv_a", "FusedConv", 1.0), NodeTime("relu_a", "Relu", 0.2), NodeTime("conv_b", "Conv", 3.0)]
+    quant_times = [
+        NodeTime("conv_a_token_7", "QLinearConv", 1.1),
+        NodeTime("conv_a_in_QuantizeLinear", "QuantizeLinear", 0.3),
+        NodeTime("conv_b", "QLinearConv", 1.5),
+        NodeTime("conv_b_out_DequantizeLinear", "DequantizeLinear", 0.4),
+    ]
+    charged = {"conv_a_in_QuantizeLinear": ["conv_a"], "conv_b_out_DequantizeLinear": ["conv_b"]}
+    slower = slower_units(units, float_times, quant_times, charged)
+    assert slower == {"conv_a": pytest.approx((1.4, 1.2))}
+
+
+def test_slower_units_splits_a_shared_charge():
+    """A Q read by two units costs each half; a unit missing from the float profile is never judged."""
+    units = [unit("a"), unit("b"), unit("ghost")]
+    float_times = [NodeTime("a", "Conv", 1.0), NodeTime("b", "Conv", 1.0)]
+    quant_times = [NodeTime("a", "QLinearConv", 0.5), NodeTime("b", "QLinearConv", 0.7), NodeTime("q", "QuantizeLinear", 0.8), NodeTime("ghost", "QLinearConv", 9.0)]
+    slower = slower_units(units, float_times, quant_times, {"q": ["a", "b"]})
+    assert slower == {"b": pytest.approx((1.1, 1.0))}
+
+
+def test_latency_fallback_runs_on_a_real_profile():
+    """latency_fallback=True profiles both models; whatever it decides, kept-float entries say 'slower'."""
+    before = residual_model()
+    after, result = quantize(before, latency_fallback=True)
+    kept = result.details["kept_float"]
+    assert all(k["reason"] == "slower" and "ms quantized vs" in k["detail"] for k in kept)
+    if result.changed:
+        assert result.counts.get("kept_float_slower", 0) == len(kept) and result.counts["nodes_quantized"] + len(kept) == 3
+    else:
+        assert result.refused == ["every quantizable node was returned to float"]
