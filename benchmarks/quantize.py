@@ -53,6 +53,7 @@ from graphopt.data import Feed, FeedSet
 from graphopt.model import write_text
 from graphopt.passes_base import presets, registry
 from graphopt.report import Report, table
+from graphopt.validate import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402  (benchmarks/ is not a package)
@@ -95,6 +96,8 @@ class Workload:
     counts: tuple[int, int]  # scored samples: full, --quick
     presets: tuple[str, ...] = ("int8",)
     targets: dict[str, tuple[Target, ...]] = field(default_factory=dict)
+    # the task budget graphopt is given (labels of the calibration feeds, Budget); None: the default floors
+    budget: Callable[[list[Feed]], tuple[list[np.ndarray], Budget]] | None = None
 
 
 def ocr_calibration(count: int) -> list[Feed]:
@@ -115,6 +118,29 @@ def ocr_score(outputs: list[dict], reference: list[dict], truth: tuple[list[str]
     truth, characters = truth
     predicted = [tasks.ctc_greedy_decode(next(iter(o.values())), characters)[0] for o in outputs]
     return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
+
+
+def ocr_budget(calibration: list[Feed]) -> tuple[list[np.ndarray], Budget]:
+    """Character accuracy on the calibration lines' own texts may drop by at most 1 point."""
+    characters = tasks.ocr_characters(onnx.load(str(models.ppocr_rec_path()), load_external_data=False))
+    texts = models.sentence_snippets(len(calibration))
+    labels = [np.array([ord(c) for c in text], np.int32) for text in texts]
+
+    def character_accuracy(outputs: list[dict], labels: list[np.ndarray]) -> float:
+        predicted = [tasks.ctc_greedy_decode(next(iter(o.values())), characters)[0] for o in outputs]
+        return tasks.character_accuracy(predicted, ["".join(map(chr, label)) for label in labels])
+
+    return labels, Budget(metric=character_accuracy, max_drop=0.01)
+
+
+def yolo_budget(calibration: list[Feed]) -> tuple[list[np.ndarray], Budget]:
+    """Detections after NMS must agree with fp32's (the labels) at F1 >= 0.97 (a margin under the 0.95 target)."""
+    labels = [tasks.yolo_detections(o["output0"]) for o in runtime.run_all(graphopt.load(models.yolov8n_path()), calibration)]
+
+    def detection_f1(outputs: list[dict], labels: list[np.ndarray]) -> float:
+        return tasks.detection_f1(labels, [tasks.yolo_detections(o["output0"]) for o in outputs])
+
+    return labels, Budget(metric=detection_f1, max_drop=0.03)
 
 
 def yolo_calibration(count: int) -> list[Feed]:
@@ -150,10 +176,12 @@ WORKLOADS = {
     "ppocr-rec": Workload(
         "ppocr-rec", models.ppocr_rec_path, ocr_calibration, ocr_scored, ocr_score, "char_accuracy", (256, 64),
         targets={"int8": (Target("drop_points", False, 1.0), Target("speedup", True, 1.8), Target("size_ratio", False, 0.3))},
+        budget=ocr_budget,
     ),
     "yolov8n": Workload(
         "yolov8n", models.yolov8n_path, yolo_calibration, yolo_scored, yolo_score, "f1", (64, 24),
         targets={"int8": (Target("f1", True, 0.95), Target("speedup", True, 1.8))},
+        budget=yolo_budget,
     ),
     "minilm": Workload(
         "minilm", models.minilm_path, lambda n: minilm_half(True, n), lambda n: (minilm_half(False, n), None), minilm_score, "cosine", (512, 96),
@@ -319,11 +347,12 @@ def graphopt_plans(preset: str) -> tuple[list[tuple[str, dict]], str]:
     return plans, f"graphopt {preset}: no preset {preset!r} yet; lossless + {', '.join(stand_ins)} instead"
 
 
-def graphopt_quantize(variant: Variant, original: onnx.ModelProto, calibration: list[Feed], threads: int, kwargs: dict) -> onnx.ModelProto:
+def graphopt_quantize(variant: Variant, original: onnx.ModelProto, calibration: list[Feed], threads: int, kwargs: dict, work: Workload) -> onnx.ModelProto:
     """graphopt.optimize on the calibration feeds (it splits them itself: the first half calibrates, the
-    second validates the budget); the scored feeds stay unseen."""
-    feeds = FeedSet(calibration, None, f"{len(calibration)} calibration feeds")
-    result = graphopt.optimize(original, data=feeds, max_feeds=len(calibration), threads=threads, **kwargs)
+    second validates the budget), with the workload's task budget; the scored feeds stay unseen."""
+    labels, budget = work.budget(calibration) if work.budget else (None, None)
+    feeds = FeedSet(calibration, labels, f"{len(calibration)} calibration feeds")
+    result = graphopt.optimize(original, data=feeds, max_feeds=len(calibration), threads=threads, budget=budget, **kwargs)
     variant.report = result.report
     lossless = set(presets()["lossless"])
     last = {r.name: r for r in result.report.records if r.name not in lossless}  # the final round's word
@@ -423,7 +452,7 @@ def run_workload(work: Workload, args: argparse.Namespace) -> dict:
             notes.append(note)
         for label, kwargs in plans:
             v = Variant(label, "graphopt", {"preset": preset, **kwargs})
-            add(v, lambda v=v, kwargs=kwargs: graphopt_quantize(v, original, calibration, args.threads, kwargs))
+            add(v, lambda v=v, kwargs=kwargs: graphopt_quantize(v, original, calibration, args.threads, kwargs, work))
 
     timed = [v for v in variants if v.model is not None and (v.family in ("fp32", "ort", "graphopt") or v.config.get("mode") == "int4")]
     print(f"  timing {len(timed)} variants, {args.rounds} interleaved rounds, threads {args.threads} ...", flush=True)
