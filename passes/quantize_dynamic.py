@@ -1,0 +1,409 @@
+"""quantize-dynamic: int8 weights, activations quantized at run time, for MatMul and Gemm with a constant weight.
+
+Rewrites (every graph, If/Loop/Scan bodies included: a body's node is quantized when its weight is a
+constant of that body; a weight defined outside the body is left float, reason "unsupported"):
+  MatMul(x, W 2-D float32 constant)  => DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp) -> Cast
+                                        -> Mul(x_scale * W_scale)
+  Gemm(x, B, C, transA=0, transB, alpha, beta) => the same with W = B (or B^T), alpha folded into the scale,
+                                        then Add(beta * C) in float when C is given
+  A weight read by several nodes is quantized once (one int8 initializer and one scale); an activation
+  read by several quantized nodes is quantized once (one DynamicQuantizeLinear).
+W_q is int8, symmetric (no zero point), one scale per output column (per tensor with per_channel=false).
+The activation is uint8 with its range taken per tensor at run time.
+
+Weight bits (weight_bits=0, the default, decides by measurement): onnxruntime's u8s8 kernels on CPUs
+without VNNI (AVX2) add pairs of uint8 x int8 products in int16, which saturates when both are large
+(255 * 127 * 2 > 32767); weights in [-63, 63] (7 bits) cannot saturate. Both are tried on the calibration
+feeds and the one with the higher output cosine is kept (reported in details["weight_bits"]).
+
+Why this form (measured on all-MiniLM-L6-v2, 2-core AVX2, 2 threads, onnxruntime 1.32): onnxruntime fuses
+it into DynamicQuantizeMatMul, or into one DynamicQuantizeLinear shared by MatMulIntegerToFloat nodes when
+an activation feeds several weights (Q/K/V), and ran at 0.61x of fp32 against 0.70x for com.microsoft
+DynamicQuantizeMatMul written directly (which quantizes the shared activation once per node) and 0.82x for
+uint8 weights. It is also plain ONNX (opset 11), so other runtimes can load it.
+
+Refused (node left float, listed in details["kept_float"] with a reason):
+  unsupported  - the weight (B) is computed at run time (attention scores), is not 2-D, is not float32
+                 (DynamicQuantizeLinear takes float32 only), is defined outside the body, or Gemm has transA=1
+  too small    - K*N below min_weight_elements: quantizing the activation costs more than the integer
+                 product saves
+  sensitive    - over the accuracy budget on the calibration feeds: nodes are ranked by their own output's
+                 relative error when only they are quantized (numpy on the float inputs, one streamed run;
+                 in bodies: the model's output cosine with only that node quantized), and the most
+                 sensitive go back to float until the budget holds (fallback=true; doubling then bisection)
+LSTM/GRU (com.microsoft DynamicQuantizeLSTM) are not handled: left float. The model is upgraded to opset 11
+when older (reported in notes).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import validate
+from graphopt.activations import intermediates
+from graphopt.graph import (
+    STANDARD_DOMAINS,
+    NameGenerator,
+    consumers,
+    copy_model,
+    iter_graphs,
+    output_names,
+    producers,
+    tensor_bytes,
+)
+from graphopt.passes import qdq
+from graphopt.passes_base import Pass, PassContext, PassError, PassResult, register
+
+FORMAT = "DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (onnxruntime: DynamicQuantizeMatMul / MatMulIntegerToFloat)"
+MIN_OPSET = 11  # DynamicQuantizeLinear
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A node that can be quantized: its graph (position in `iter_graphs` order) and its first output."""
+
+    graph: int
+    output: str
+    node: str
+    op_type: str
+    weight: str
+    weight_elements: int
+
+
+@dataclass
+class _Plan:
+    sites: list[_Site] = field(default_factory=list)
+    kept_float: list[dict] = field(default_factory=list)
+
+
+@register
+@dataclass
+class QuantizeDynamic(Pass):
+    name = "quantize-dynamic"
+    description = "int8 per-channel weights and run-time quantized activations for MatMul/Gemm with constant weights"
+    lossless = False
+    claims = "speed"
+
+    per_channel: bool = True
+    fallback: bool = True
+    min_weight_elements: int = 4096
+    ops: str = "MatMul,Gemm"
+    weight_bits: int = 0  # 8, 7, or 0: whichever is more accurate on this machine
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        notes = [n for n in [qdq.ensure_opset(model, MIN_OPSET)] if n]
+        ops = {op.strip() for op in self.ops.split(",") if op.strip()}
+        plan = _plan(model, ops, self.min_weight_elements)
+        details = {"quantized": {}, "kept_float": plan.kept_float, "format": FORMAT}
+        if not plan.sites:
+            return PassResult(changed=False, details=details, notes=notes, refused=_refusals(plan.kept_float))
+        if self.weight_bits not in (0, 7, 8):
+            raise PassError(f"quantize-dynamic: weight_bits must be 7, 8 or 0 (choose by measurement), not {self.weight_bits}")
+        base = copy_model(model)
+        reference = ctx.outputs(base)
+        fmt, quantized, note = self._format(base, plan.sites, reference, ctx)
+        notes += [note] if note else []
+        chosen = plan.sites
+        problem = ctx.budget_problem(reference, quantized) if reference else None
+        if problem and self.fallback:
+            chosen, problem = _back_off(base, plan.sites, fmt, reference, problem, ctx, plan.kept_float)
+            quantized = _quantized(base, chosen, fmt)
+        if problem:
+            notes.append(f"over budget on the calibration feeds even so: {problem}")
+        if not chosen:
+            return PassResult(changed=False, details=details, notes=notes, refused=_refusals(plan.kept_float))
+        model.CopyFrom(quantized)
+        details["quantized"] = dict(Counter(s.op_type for s in chosen))
+        details["weight_bits"] = fmt.bits
+        counts = {"nodes_quantized": len(chosen), "bytes_saved": _bytes(base) - _bytes(model)}
+        return PassResult(changed=True, counts=counts, details=details, notes=notes, refused=_refusals(plan.kept_float))
+
+    def _format(self, base, sites, reference, ctx) -> tuple["_Format", onnx.ModelProto, str | None]:
+        """The weight format (bits) and the model quantized with it; with weight_bits=0, 8 and 7 bits are
+        both tried and the one with the higher output cosine on the calibration feeds wins."""
+        options = [_Format(self.per_channel, b) for b in ((8, 7) if self.weight_bits == 0 else (self.weight_bits,))]
+        models = [_quantized(base, sites, f) for f in options]
+        if len(options) == 1 or not reference:
+            return options[0], models[0], None
+        cosines = [_mean_cosine(reference, ctx.outputs(m)) for m in models]
+        best = int(np.argmax(cosines))
+        note = f"{options[best].bits}-bit weights chosen by measurement: output cosine {cosines[0]:.5f} with 8 bits, {cosines[1]:.5f} with 7 bits on the calibration feeds (worst feed, mean over outputs)"
+        return options[best], models[best], note
+
+
+@dataclass(frozen=True)
+class _Format:
+    per_channel: bool
+    bits: int
+
+    def quantize(self, w: np.ndarray) -> qdq.QuantizedWeight:
+        """w as [K, N], int8 symmetric, per column or per tensor, within 2^(bits-1) - 1."""
+        return qdq.quantize_per_channel(w, 1 if self.per_channel else None, self.bits)
+
+
+def _quantized(base: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> onnx.ModelProto:
+    candidate = copy_model(base)
+    _apply(candidate, sites, fmt)
+    return candidate
+
+
+def _mean_cosine(reference, outputs) -> float:
+    cosines = [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
+    return float(np.mean(cosines)) if cosines else 1.0
+
+
+def _worst_cosine(reference, outputs) -> float:
+    cosines = [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
+    return min(cosines, default=1.0)
+
+
+def _back_off(base, sites, fmt, reference, problem, ctx, kept_float):
+    """Return the most sensitive sites to float until the budget holds on the calibration feeds.
+    The count is found by doubling, then bisection (the error is taken as monotone in the count)."""
+    errors = _sensitivity(base, sites, ctx, fmt, reference)
+    order = sorted(sites, key=lambda s: -errors[s])
+
+    def problem_with(k: int) -> str | None:
+        return ctx.budget_problem(reference, _quantized(base, order[k:], fmt))
+
+    known: dict[int, str | None] = {0: problem}
+    k = 1
+    while k < len(order):
+        known[k] = problem_with(k)
+        if known[k] is None:
+            break
+        k *= 2
+    else:
+        k = len(order)
+        known[k] = None  # all float: the input model itself
+    ok = k
+    low = max(n for n in known if known[n] is not None)
+    while ok - low > 1:
+        mid = (ok + low) // 2
+        known[mid] = problem_with(mid)
+        ok, low = (mid, low) if known[mid] is None else (ok, mid)
+    for s in order[:ok]:
+        kept_float.append(_kept(s, "sensitive", f"layer error {errors[s]:.4g}; returned to float to keep the budget ({problem})"))
+    return order[ok:], known[ok]
+
+
+def _sensitivity(base, sites, ctx, fmt: _Format, reference) -> dict[_Site, float]:
+    """How much each site suffers from quantization. Main-graph sites: the relative error of the node's
+    output when only it is quantized, computed with numpy on its float input (one run exposing the
+    inputs, streamed feed by feed). Sites inside bodies, whose inputs cannot be exposed: 1 - the lowest
+    output cosine of the model with only that site quantized."""
+    main = [s for s in sites if s.graph == 0]
+    errors = _layer_errors(base, main, ctx.calibration, fmt)
+    for s in sites:
+        if s.graph != 0:
+            errors[s] = 1.0 - _worst_cosine(reference, ctx.outputs(_quantized(base, [s], fmt)))
+    return errors
+
+
+def _layer_errors(model: onnx.ModelProto, sites: list[_Site], feeds, fmt: _Format) -> dict[_Site, float]:
+    graph = model.graph
+    made_by = producers(graph)
+    nodes = {n.output[0]: n for n in graph.node if n.output}
+    layers = {}
+    for s in sites:
+        node = nodes[s.output]
+        w = constant_weight(graph, s.weight, made_by)
+        w = w.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
+        layers[s] = (node.input[0], w, fmt.quantize(w).dequantized())
+    squared = {s: [0.0, 0.0] for s in sites}
+    for values in intermediates(model, feeds, sorted({x for x, _, _ in layers.values()})):
+        for s, (x, w, w_deq) in layers.items():
+            exact = values[x] @ w
+            approx = fake_quantize_dynamic(values[x]) @ w_deq
+            squared[s][0] += float(np.sum((approx - exact) ** 2))
+            squared[s][1] += float(np.sum(exact**2))
+    return {s: (np.sqrt(err / ref) if ref > 0 else 0.0) for s, (err, ref) in squared.items()}
+
+
+def fake_quantize_dynamic(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """x after DynamicQuantizeLinear and back: uint8 over [min(x, 0), max(x, 0)] (or the given range)."""
+    lo = min(float(x.min()) if lo is None else lo, 0.0)
+    hi = max(float(x.max()) if hi is None else hi, 0.0)
+    if hi == lo:
+        return x
+    scale = (hi - lo) / 255.0
+    zero = np.clip(np.rint(-lo / scale), 0, 255)
+    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
+def _refusals(kept_float: list[dict]) -> list[str]:
+    return [f"{k['op_type']} '{k['node']}': {k['reason']} ({k['detail']})" for k in kept_float]
+
+
+def _kept(site_or_node, reason: str, detail: str) -> dict:
+    if isinstance(site_or_node, _Site):
+        return {"node": site_or_node.node, "op_type": site_or_node.op_type, "reason": reason, "detail": detail}
+    node = site_or_node
+    return {"node": node.name or node.output[0], "op_type": node.op_type, "reason": reason, "detail": detail}
+
+
+def _bytes(model: onnx.ModelProto) -> int:
+    return sum(tensor_bytes(t) for g in iter_graphs(model.graph) for t in g.initializer)
+
+
+def constant_weight(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """A float weight held in an initializer (qdq.weight) or in a Constant node's `value` tensor."""
+    value = qdq.weight(graph, name)
+    if value is not None:
+        return value
+    node = made_by.get(name)
+    if node is not None and node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
+        for attr in node.attribute:
+            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                value = numpy_helper.to_array(attr.t)
+                return value if value.dtype.kind == "f" else None
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _plan(model: onnx.ModelProto, ops: set[str], min_elements: int) -> _Plan:
+    """Which nodes can be quantized, and why the others cannot."""
+    plan = _Plan()
+    for index, graph in enumerate(iter_graphs(model.graph)):
+        made_by = producers(graph)
+        for node in graph.node:
+            if node.op_type not in ops or node.op_type not in ("MatMul", "Gemm") or node.domain not in STANDARD_DOMAINS:
+                continue
+            why = _unsupported(graph, node, made_by)
+            if why:
+                plan.kept_float.append(_kept(node, "unsupported", why))
+                continue
+            w = constant_weight(graph, node.input[1], made_by)
+            if w.size < min_elements:
+                plan.kept_float.append(_kept(node, "too small", f"weight has {w.size} elements < min_weight_elements={min_elements}"))
+                continue
+            plan.sites.append(_Site(index, node.output[0], node.name or node.output[0], node.op_type, node.input[1], int(w.size)))
+    return plan
+
+
+def _unsupported(graph: onnx.GraphProto, node: onnx.NodeProto, made_by) -> str | None:
+    w = constant_weight(graph, node.input[1], made_by)
+    if w is None:
+        return "input B is computed at run time or defined outside this graph, not a constant float weight"
+    if w.ndim != 2:
+        return f"weight has rank {w.ndim}; only 2-D weights are quantized"
+    if w.dtype != np.float32:
+        return f"weight is {w.dtype}; DynamicQuantizeLinear takes float32 only"
+    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        return "Gemm with transA=1 (the activation would need a Transpose first)"
+    return None
+
+
+def _apply(model: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> None:
+    """Rewrite the given sites in place."""
+    names = NameGenerator(model)
+    by_graph: dict[int, dict[str, _Site]] = {}
+    for s in sites:
+        by_graph.setdefault(s.graph, {})[s.output] = s
+    graphs = list(enumerate(iter_graphs(model.graph)))
+    # Innermost first: rebuilding a graph's node list copies its nodes, and so detaches the bodies they
+    # hold from any reference taken before; bodies are therefore finished before their owners are rebuilt.
+    for index, graph in reversed(graphs):
+        if index in by_graph:
+            _GraphRewriter(graph, names, fmt).rewrite(by_graph[index])
+
+
+class _GraphRewriter:
+    """Quantizes sites of one graph: weights once per initializer, activations once per tensor."""
+
+    def __init__(self, graph: onnx.GraphProto, names: NameGenerator, fmt: _Format):
+        self.graph, self.names, self.fmt = graph, names, fmt
+        self.made_by = producers(graph)
+        self.weights: dict[tuple[str, bool, float], tuple[str, str]] = {}
+        self.activations: dict[str, tuple[str, str, str]] = {}
+
+    def rewrite(self, sites: dict[str, _Site]) -> None:
+        old = {s.weight for s in sites.values()}
+        nodes: list[onnx.NodeProto] = []
+        for node in self.graph.node:
+            if node.output and node.output[0] in sites:
+                nodes.extend(self._replacement(node))
+                old.update(node.input[2:3])
+            else:
+                nodes.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        self._drop_unused(old)
+
+    def _replacement(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        x, y = node.input[0], node.output[0]
+        trans_b = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+        alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        new: list[onnx.NodeProto] = []
+        x_q, x_scale, x_zero = self._activation(x, new)
+        w_q, w_scale = self._weight(node.input[1], trans_b, alpha)
+        stem = node.name or y
+        integer, as_float, scale = self.names(f"{y}_int32"), self.names(f"{y}_int_as_float"), self.names(f"{y}_scale")
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        product = self.names(f"{y}_product") if has_bias else y
+        new += [
+            helper.make_node("MatMulInteger", [x_q, w_q, x_zero], [integer], name=self.names(f"{stem}_MatMulInteger")),
+            helper.make_node("Cast", [integer], [as_float], name=self.names(f"{stem}_Cast"), to=TensorProto.FLOAT),
+            helper.make_node("Mul", [x_scale, w_scale], [scale], name=self.names(f"{stem}_scale_Mul")),
+            helper.make_node("Mul", [as_float, scale], [product], name=self.names(f"{stem}_Mul")),
+        ]
+        if has_bias:
+            new += self._bias(node, product, y, stem)
+        return new
+
+    def _activation(self, x: str, new: list[onnx.NodeProto]) -> tuple[str, str, str]:
+        if x not in self.activations:
+            outs = (self.names(f"{x}_quantized"), self.names(f"{x}_scale"), self.names(f"{x}_zero_point"))
+            new.append(helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=self.names(f"{x}_DynamicQuantizeLinear")))
+            self.activations[x] = outs
+        return self.activations[x]
+
+    def _weight(self, name: str, trans_b: bool, alpha: float) -> tuple[str, str]:
+        key = (name, trans_b, alpha)
+        if key not in self.weights:
+            w = constant_weight(self.graph, name, self.made_by)
+            w = w.T if trans_b else w
+            q = self.fmt.quantize(w)
+            scale = (q.scale * np.float32(alpha)).astype(np.float32)
+            q_name, s_name = self.names(f"{name}_quantized"), self.names(f"{name}_scale")
+            self.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(q.values), q_name), qdq.float_tensor(s_name, scale)])
+            self.weights[key] = (q_name, s_name)
+        return self.weights[key]
+
+    def _bias(self, node: onnx.NodeProto, product: str, y: str, stem: str) -> list[onnx.NodeProto]:
+        """Gemm's C, times beta, added in float."""
+        beta = float(_attr(node, "beta", 1.0))
+        c = node.input[2]
+        value = constant_weight(self.graph, c, self.made_by)
+        if beta != 1.0 and value is not None:
+            c = self.names(f"{c}_times_beta")
+            self.graph.initializer.append(numpy_helper.from_array((value * beta).astype(value.dtype), c))
+        elif beta != 1.0:
+            beta_name, scaled = self.names(f"{stem}_beta"), self.names(f"{c}_times_beta")
+            self.graph.initializer.append(qdq.float_tensor(beta_name, np.array(beta)))
+            return [
+                helper.make_node("Mul", [c, beta_name], [scaled], name=self.names(f"{stem}_beta_Mul")),
+                helper.make_node("Add", [product, scaled], [y], name=self.names(f"{stem}_bias_Add")),
+            ]
+        return [helper.make_node("Add", [product, c], [y], name=self.names(f"{stem}_bias_Add"))]
+
+    def _drop_unused(self, candidates: set[str]) -> None:
+        """Float weights and Gemm biases that no node reads any more are removed."""
+        readers = consumers(self.graph)
+        keep = output_names(self.graph)
+        unused = {n for n in candidates if not readers.get(n) and n not in keep}
+        kept = [t for t in self.graph.initializer if t.name not in unused]
+        if len(kept) != len(self.graph.initializer):
+            del self.graph.initializer[:]
+            self.graph.initializer.extend(kept)

@@ -1,0 +1,275 @@
+"""quantize-dynamic: MatMul/Gemm with constant weights => DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+from graphopt import runtime
+from graphopt.activations import ActivationCache
+from graphopt.graph import constant_value, copy_model
+from graphopt.passes.quantize_dynamic import QuantizeDynamic, fake_quantize_dynamic
+from graphopt.passes.qdq import quantize_per_channel
+from graphopt.passes_base import PassContext, PassError, make_pass
+from graphopt.validate import Budget
+from tests.helpers import make_model, op_types, ort_outputs, run_pass, seeded_feeds
+
+RNG = np.random.default_rng(0)
+QUANTIZED_OPS = ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"]
+
+
+def weight(name, shape):
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+
+
+def vi(name, shape, elem=TP.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def quantize(model, feeds=None, **options):
+    """Run the pass on a copy; the accuracy fallback is off unless asked for (the default budget's top-1
+    floor would judge random tiny graphs)."""
+    after = copy_model(model)
+    return after, run_pass(QuantizeDynamic(**{"fallback": False, **options}), after, feeds)
+
+
+def assert_close(before, after, feeds, min_cosine=0.99):
+    """Quantized outputs follow the float ones (cosine per output and feed), and `after` is valid."""
+    onnx.checker.check_model(after, full_check=True)
+    for ref, got in zip(ort_outputs(before, feeds), ort_outputs(after, feeds)):
+        for name in ref:
+            a, b = ref[name].ravel(), got[name].ravel()
+            assert ref[name].shape == got[name].shape
+            assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > min_cosine, name
+
+
+def kept(result):
+    return {k["node"]: (k["reason"], k["detail"]) for k in result.details["kept_float"]}
+
+
+def matmul_model(k=64, n=64):
+    """x[2,8,K] -> MatMul(W[K,N]) -> y"""
+    return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", [2, 8, k])], [vi("y", [2, 8, n])], [weight("w", [k, n])])
+
+
+def test_registered_under_its_name():
+    assert isinstance(make_pass("quantize-dynamic"), QuantizeDynamic)
+
+
+def test_matmul_weight_becomes_int8_per_column():
+    model = matmul_model()
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds, weight_bits=8)
+    assert result.changed and result.details["quantized"] == {"MatMul": 1}
+    assert op_types(after) == QUANTIZED_OPS
+    inits = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    assert "w" not in inits  # the float weight is gone
+    (q_name,) = [k for k, v in inits.items() if v.dtype == np.int8]
+    (s_name,) = [k for k, v in inits.items() if v.dtype == np.float32]
+    expected = quantize_per_channel(numpy_helper.to_array(model.graph.initializer[0]), axis=1)
+    np.testing.assert_array_equal(inits[q_name], expected.values)
+    np.testing.assert_array_equal(inits[s_name], expected.scale)
+    assert inits[s_name].shape == (64,)
+    assert result.counts["bytes_saved"] == 64 * 64 * 4 - 64 * 64 - 64 * 4
+    assert_close(model, after, feeds)
+
+
+def test_outputs_match_integer_arithmetic():
+    """onnxruntime's result is the exact integer product: uint8 activation (per-tensor range), 7-bit
+    weight (with 8 bits, AVX2's u8s8 kernel may saturate int16 pair sums, so its result is not exact)."""
+    model = matmul_model()
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds, weight_bits=7)
+    assert result.changed
+    w = quantize_per_channel(numpy_helper.to_array(model.graph.initializer[0]), axis=1, bits=7).dequantized()
+    for feed, got in zip(feeds, ort_outputs(after, feeds)):
+        np.testing.assert_allclose(got["y"], fake_quantize_dynamic(feed["x"]) @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_bits_chosen_by_measurement():
+    """Gaussian weights and activations use the whole int8 range, where 8-bit weights may saturate on
+    AVX2; whatever this CPU does, the choice is the more accurate of the two and is reported."""
+    model = matmul_model()
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds)
+    bits = result.details["weight_bits"]
+    assert bits in (7, 8) and f"{bits}-bit weights chosen by measurement" in result.notes[0]
+    q = next(numpy_helper.to_array(t) for t in after.graph.initializer if t.data_type == TP.INT8)
+    assert np.abs(q).max() == 2 ** (bits - 1) - 1
+    chosen, other = (8, 7) if bits == 8 else (7, 8)
+    cosine = {}
+    for b in (7, 8):
+        candidate, _ = quantize(model, feeds, weight_bits=b)
+        got, ref = ort_outputs(candidate, feeds), ort_outputs(model, feeds)
+        cosine[b] = min(float(np.dot(r["y"].ravel(), g["y"].ravel()) / np.linalg.norm(r["y"]) / np.linalg.norm(g["y"])) for r, g in zip(ref, got))
+    assert cosine[chosen] >= cosine[other]
+
+
+def test_bad_weight_bits_is_an_error():
+    with pytest.raises(PassError, match="weight_bits"):
+        quantize(matmul_model(), weight_bits=4)
+
+
+def test_per_tensor_option():
+    model = matmul_model()
+    feeds = seeded_feeds(model)
+    after, _ = quantize(model, feeds, per_channel=False)
+    scales = [numpy_helper.to_array(t) for t in after.graph.initializer if t.data_type == TP.FLOAT]
+    assert [s.shape for s in scales] == [()]
+    assert_close(model, after, feeds)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_bias_alpha_beta(trans_b):
+    """x[4,64] -> Gemm(B, C, transB, alpha=0.5, beta=2) -> y"""
+    b_shape = [96, 64] if trans_b else [64, 96]
+    node = helper.make_node("Gemm", ["x", "b", "c"], ["y"], name="gemm", transB=trans_b, alpha=0.5, beta=2.0)
+    model = make_model([node], [vi("x", [4, 64])], [vi("y", [4, 96])], [weight("b", b_shape), weight("c", [96])])
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds)
+    assert result.details["quantized"] == {"Gemm": 1}
+    assert op_types(after) == QUANTIZED_OPS + ["Add"]
+    q = next(numpy_helper.to_array(t) for t in after.graph.initializer if t.data_type == TP.INT8)
+    assert q.shape == (64, 96)  # stored [K, N] whatever transB was
+    bias = next(i for i in after.graph.node[-1].input if constant_value(after.graph, i) is not None)
+    np.testing.assert_allclose(constant_value(after.graph, bias), 2.0 * constant_value(model.graph, "c"), rtol=1e-6)
+    assert_close(model, after, feeds)
+
+
+def test_gemm_computed_bias_times_beta():
+    """x[4,64] -> Gemm(B, C=input, beta=3) -> y: C stays computed, scaled by a Mul"""
+    node = helper.make_node("Gemm", ["x", "b", "c"], ["y"], name="gemm", beta=3.0)
+    model = make_model([node], [vi("x", [4, 64]), vi("c", [96])], [vi("y", [4, 96])], [weight("b", [64, 96])])
+    feeds = seeded_feeds(model)
+    after, _ = quantize(model, feeds)
+    assert op_types(after)[-2:] == ["Mul", "Add"]
+    assert_close(model, after, feeds)
+
+
+def test_shared_weight_and_shared_activation_quantized_once():
+    """x -> MatMul(W) -> a;  x -> MatMul(V) -> b;  z -> MatMul(W) -> c"""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="xw"),
+        helper.make_node("MatMul", ["x", "v"], ["b"], name="xv"),
+        helper.make_node("MatMul", ["z", "w"], ["c"], name="zw"),
+    ]
+    model = make_model(nodes, [vi("x", [8, 64]), vi("z", [8, 64])], [vi(n, [8, 64]) for n in "abc"], [weight("w", [64, 64]), weight("v", [64, 64])])
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds)
+    assert result.details["quantized"] == {"MatMul": 3}
+    assert sum(t.data_type == TP.INT8 for t in after.graph.initializer) == 2  # W once, V once
+    assert op_types(after).count("DynamicQuantizeLinear") == 2  # x once, z once
+    w_readers = [n for n in after.graph.node if n.op_type == "MatMulInteger" and n.input[1].startswith("w")]
+    assert len(w_readers) == 2 and w_readers[0].input[1] == w_readers[1].input[1]
+    assert_close(model, after, feeds)
+
+
+def test_onnxruntime_fuses_into_integer_kernels(tmp_path):
+    """x -> MatMul(W) -> a; x -> MatMul(V) -> b; a -> MatMul(U) -> c: onnxruntime turns the shared
+    activation into MatMulIntegerToFloat nodes and the single-reader one into DynamicQuantizeMatMul."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="xw"),
+        helper.make_node("MatMul", ["x", "v"], ["b"], name="xv"),
+        helper.make_node("MatMul", ["a", "u"], ["c"], name="au"),
+    ]
+    model = make_model(nodes, [vi("x", [8, 64])], [vi(n, [8, 64]) for n in "abc"], [weight(n, [64, 64]) for n in "wvu"])
+    after, _ = quantize(model)
+    path = str(tmp_path / "optimized.onnx")
+    runtime.session(after, runtime.RuntimeSettings(level="all", optimized_model_path=path))
+    fused = [n.op_type for n in onnx.load(path).graph.node]
+    assert fused.count("MatMulIntegerToFloat") == 2
+    assert fused.count("DynamicQuantizeMatMul") == 1
+    assert "MatMulInteger" not in fused and "MatMul" not in fused
+
+
+def test_computed_weight_is_refused():
+    """q, k -> MatMul -> s (attention scores: no constant weight)"""
+    model = make_model([helper.make_node("MatMul", ["q", "k"], ["s"], name="scores")], [vi("q", [8, 64]), vi("k", [64, 8])], [vi("s", [8, 8])])
+    after, result = quantize(model)
+    assert not result.changed and op_types(after) == ["MatMul"]
+    reason, detail = kept(result)["scores"]
+    assert reason == "unsupported" and "computed at run time" in detail
+
+
+def test_too_small_weight_is_refused():
+    model = matmul_model(k=8, n=8)
+    after, result = quantize(model)
+    assert not result.changed and op_types(after) == ["MatMul"]
+    reason, detail = kept(result)["mm"]
+    assert reason == "too small" and "64 elements < min_weight_elements=4096" in detail
+    _, result = quantize(model, min_weight_elements=16)
+    assert result.changed
+
+
+def test_unsupported_weights_are_refused():
+    """Gemm with transA=1, a 3-D MatMul weight, a float64 weight: all left float with the reason."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "b"], ["g"], name="gemm_ta", transA=1),
+        helper.make_node("MatMul", ["x3", "w3"], ["m3"], name="mm3d"),
+        helper.make_node("MatMul", ["xd", "wd"], ["md"], name="mm64"),
+    ]
+    inits = [weight("b", [64, 64]), weight("w3", [2, 64, 64]), numpy_helper.from_array(RNG.standard_normal([64, 64]), "wd")]
+    model = make_model(nodes, [vi("x", [64, 8]), vi("x3", [2, 8, 64]), vi("xd", [8, 64], TP.DOUBLE)], [vi("g", [8, 64]), vi("m3", [2, 8, 64]), vi("md", [8, 64], TP.DOUBLE)], inits)
+    _, result = quantize(model)
+    reasons = kept(result)
+    assert not result.changed
+    assert "transA=1" in reasons["gemm_ta"][1]
+    assert "rank 3" in reasons["mm3d"][1]
+    assert "float32 only" in reasons["mm64"][1]
+
+
+def test_ops_option_limits_the_op_types():
+    node = helper.make_node("Gemm", ["x", "b"], ["y"], name="gemm")
+    model = make_model([node], [vi("x", [4, 64])], [vi("y", [4, 64])], [weight("b", [64, 64])])
+    _, result = quantize(model, ops="MatMul")
+    assert not result.changed and result.details["kept_float"] == []
+
+
+def test_sensitive_node_returns_to_float():
+    """x -> MatMul(W) -> y (quantizes well);  o -> MatMul(V) -> z, o with one huge channel that V nearly
+    ignores (it sets the run-time range, so the other channels lose all precision): with a tight budget
+    the second goes back to float, the first stays quantized."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="calm"), helper.make_node("MatMul", ["o", "v"], ["z"], name="outlier")]
+    v = RNG.standard_normal([64, 64]).astype(np.float32)
+    v[0] *= 1e-5
+    inits = [weight("w", [64, 64]), numpy_helper.from_array(v, "v")]
+    model = make_model(nodes, [vi("x", [16, 64]), vi("o", [16, 64])], [vi("y", [16, 64]), vi("z", [16, 64])], inits)
+    feeds = seeded_feeds(model, n=4)
+    for f in feeds:
+        f["o"][:, 0] *= 1000.0
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=Budget(min_cosine=0.99, min_top1=None))
+    after = copy_model(model)
+    result = QuantizeDynamic().run(after, ctx)
+    assert result.details["quantized"] == {"MatMul": 1}
+    assert kept(result)["outlier"][0] == "sensitive"
+    assert [n.op_type for n in after.graph.node].count("MatMul") == 1
+    assert Budget(min_cosine=0.99, min_top1=None).violation(ort_outputs(model, feeds), ort_outputs(after, feeds)) is None
+    # without the fallback the pass keeps everything quantized and says it is over budget
+    after = copy_model(model)
+    result = QuantizeDynamic(fallback=False).run(after, ctx)
+    assert result.details["quantized"] == {"MatMul": 2} and "over budget" in result.notes[-1]
+
+
+def test_old_opset_is_upgraded():
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [8, 64])], [vi("y", [8, 64])], [weight("w", [64, 64])], opset=10)
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds)
+    assert result.changed and "from 10 to 11" in result.notes[0]
+    assert_close(model, after, feeds)
+
+
+def test_matmul_inside_if_branch():
+    """c -> If(then: x -> MatMul(W_then) -> t, else: x -> Identity -> t) -> y"""
+    then_graph = helper.make_graph([helper.make_node("MatMul", ["x", "w_then"], ["t"], name="body_mm")], "then", [], [vi("t", [8, 64])], [weight("w_then", [64, 64])])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", [8, 64])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    model = make_model([node], [vi("c", [], TP.BOOL), vi("x", [8, 64])], [vi("y", [8, 64])])
+    feeds = [dict(f, c=np.array(True)) for f in seeded_feeds(model)]
+    after, result = quantize(model, feeds)
+    assert result.details["quantized"] == {"MatMul": 1}
+    body = next(a.g for a in after.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in body.node] == QUANTIZED_OPS
+    assert_close(model, after, feeds)
