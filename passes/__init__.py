@@ -23,8 +23,10 @@ LOSSLESS = [
 
 PRESETS: dict[str, list[str]] = {
     "lossless": LOSSLESS,
-    # clean-up, then static or dynamic int8, whichever measures faster within the budget
-    "int8": LOSSLESS + ["quantize-int8"],
-    # clean-up, then weight-only int4 (int8 where int4 breaks the budget), for size
-    "int4": LOSSLESS + ["quantize-weights:bits=4"],
+    # clean-up, outlier channels smoothed into their producers, then static or dynamic int8, whichever
+    # measures faster within the budget
+    "int8": LOSSLESS + ["smooth-quant", "quantize-int8"],
+    # clean-up, then weight-only int4 (int8 where int4 breaks the budget), for size; asymmetric GPTQ
+    # measured best on MiniLM (pooled cosine 0.982 against 0.960 for symmetric round-to-nearest)
+    "int4": LOSSLESS + ["quantize-weights:bits=4:method=gptq:symmetric=false"],
 }

@@ -248,6 +248,8 @@ def ensure_opset(model: onnx.ModelProto, version: int) -> str | None:
     for opset in model.opset_import:
         if opset.domain in STANDARD_DOMAINS:
             opset.version = max(opset.version, version)
+    if version >= BLOCKED_OPSET and model.ir_version < 10:
+        model.ir_version = 10  # opset 21 and 4-bit types belong to IR version 10
     return f"upgraded the opset from {current} to {version}"
 
 
