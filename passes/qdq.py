@@ -61,9 +61,13 @@ def weight_axis(node: onnx.NodeProto, rank: int) -> int | None:
     return None
 
 
-def weight(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """The value of a float initializer (run lift-constants first for Constant-node weights), or None."""
+def weight(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto] | None = None) -> np.ndarray | None:
+    """The value of a float weight: an initializer no graph input overrides, or (given the graph's
+    producers `made_by`) a Constant node's `value` tensor. None when `name` is computed or not float."""
     value = constant_value(graph, name)
+    node = (made_by or {}).get(name)
+    if value is None and node is not None and node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
+        value = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
     if value is None or value.dtype.kind != "f":
         return None
     return value

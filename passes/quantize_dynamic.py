@@ -212,7 +212,7 @@ def _layer_errors(model: onnx.ModelProto, sites: list[_Site], feeds, fmt: _Forma
     layers = {}
     for s in sites:
         node = nodes[s.output]
-        w = constant_weight(graph, s.weight, made_by)
+        w = qdq.weight(graph, s.weight, made_by)
         w = w.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
         layers[s] = (node.input[0], w, fmt.quantize(w).dequantized())
     squared = {s: [0.0, 0.0] for s in sites}
@@ -251,20 +251,6 @@ def _bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_bytes(t) for g in iter_graphs(model.graph) for t in g.initializer)
 
 
-def constant_weight(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto]) -> np.ndarray | None:
-    """A float weight held in an initializer (qdq.weight) or in a Constant node's `value` tensor."""
-    value = qdq.weight(graph, name)
-    if value is not None:
-        return value
-    node = made_by.get(name)
-    if node is not None and node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
-        for attr in node.attribute:
-            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                value = numpy_helper.to_array(attr.t)
-                return value if value.dtype.kind == "f" else None
-    return None
-
-
 def _attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
@@ -284,7 +270,7 @@ def _plan(model: onnx.ModelProto, ops: set[str], min_elements: int) -> _Plan:
             if why:
                 plan.kept_float.append(_kept(node, "unsupported", why))
                 continue
-            w = constant_weight(graph, node.input[1], made_by)
+            w = qdq.weight(graph, node.input[1], made_by)
             if w.size < min_elements:
                 plan.kept_float.append(_kept(node, "too small", f"weight has {w.size} elements < min_weight_elements={min_elements}"))
                 continue
@@ -293,7 +279,7 @@ def _plan(model: onnx.ModelProto, ops: set[str], min_elements: int) -> _Plan:
 
 
 def _unsupported(graph: onnx.GraphProto, node: onnx.NodeProto, made_by) -> str | None:
-    w = constant_weight(graph, node.input[1], made_by)
+    w = qdq.weight(graph, node.input[1], made_by)
     if w is None:
         return "input B is computed at run time or defined outside this graph, not a constant float weight"
     if w.ndim != 2:
@@ -372,7 +358,7 @@ class _GraphRewriter:
     def _weight(self, name: str, trans_b: bool, alpha: float) -> tuple[str, str]:
         key = (name, trans_b, alpha)
         if key not in self.weights:
-            w = constant_weight(self.graph, name, self.made_by)
+            w = qdq.weight(self.graph, name, self.made_by)
             w = w.T if trans_b else w
             q = self.fmt.quantize(w)
             scale = (q.scale * np.float32(alpha)).astype(np.float32)
@@ -385,7 +371,7 @@ class _GraphRewriter:
         """Gemm's C, times beta, added in float."""
         beta = float(_attr(node, "beta", 1.0))
         c = node.input[2]
-        value = constant_weight(self.graph, c, self.made_by)
+        value = qdq.weight(self.graph, c, self.made_by)
         if beta != 1.0 and value is not None:
             c = self.names(f"{c}_times_beta")
             self.graph.initializer.append(numpy_helper.from_array((value * beta).astype(value.dtype), c))

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from graphopt import calibrate, profiling, runtime
 from graphopt.errors import PassError
@@ -111,7 +111,6 @@ MAX_FUSION_ROUNDS = 20
 CONCAT_MIN_SHARE = 16  # a Concat input must span at least 1/16 of the output's range (16 levels)
 BUDGET_MARGIN = 0.5  # share of the budget's allowed loss a choice may use on the calibration feeds
 RANGES_SHOWN = 50
-FLOAT32 = onnx.TensorProto.FLOAT
 
 
 @dataclass
@@ -365,16 +364,9 @@ def _chain_dict(chain) -> dict:
 
 
 def constant_of(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto]) -> np.ndarray | None:
-    """The value of a constant float tensor: an initializer or a Constant node's `value` (None otherwise)."""
-    value = qdq.weight(graph, name)
-    if value is not None:
-        return value
-    node = made_by.get(name)
-    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-        for attr in node.attribute:
-            if attr.name == "value" and attr.t.data_type == FLOAT32:
-                return numpy_helper.to_array(attr.t)
-    return None
+    """The value of a constant float32 tensor (initializer or Constant node), else None."""
+    value = qdq.weight(graph, name, made_by)
+    return value if value is not None and value.dtype == np.float32 else None
 
 
 def is_constant(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto]) -> bool:
