@@ -3,6 +3,7 @@
 from graphopt.api import OptimizeResult, accuracy, optimize
 from graphopt.errors import PassError, UserError
 from graphopt.model import load, save
+from graphopt.validate import Budget
 
-__all__ = ["OptimizeResult", "PassError", "UserError", "accuracy", "load", "optimize", "save"]
+__all__ = ["Budget", "OptimizeResult", "PassError", "UserError", "accuracy", "load", "optimize", "save"]
 __version__ = "0.1.0"
