@@ -90,6 +90,7 @@ def optimize(
     rounding_floor: bool = True,
     strict: bool = False,
     bench_rounds: int = 30,
+    latency_guard: bool = True,
 ) -> OptimizeResult:
     """Run passes (default: the `lossless` preset) on a model, validating each with onnxruntime.
 
@@ -98,7 +99,8 @@ def optimize(
     half (never seen by a pass) validates; with `val`, all of `data` calibrates and `val` validates.
     `budget` is what lossy passes may cost (default: cosine and top-1 agreement >= 0.99 per output).
     `metric(outputs, labels)` is reported before and after when the feeds carry labels.
-    `bench_rounds` is how many interleaved runs the latency guard times per model. `rounding_floor=False` holds lossless passes to the fixed float tolerance
+    `bench_rounds` is how many interleaved runs the latency guard times per model; `latency_guard=False`
+    keeps passes that claim speed or size without timing them (when this machine is not the target). `rounding_floor=False` holds lossless passes to the fixed float tolerance
     even where onnxruntime's own optimizations differ by more (see graphopt.validate).
     """
     if not isinstance(model, onnx.ModelProto):
@@ -129,7 +131,7 @@ def optimize(
         validation_labels=validation.labels,
         bench_rounds=bench_rounds,
     )
-    pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget, strict=strict, rounding_floor=rounding_floor)
+    pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget, strict=strict, rounding_floor=rounding_floor, latency_guard=latency_guard)
     label = f"{len(validation.feeds)} validation feeds from {validation.source}"
     optimized, report = pipeline.run(model, ctx, label)
     if lossy and data is None:

@@ -28,8 +28,8 @@ Refused (named in `refused`, node left in place):
 
 Not folded, not reported: nodes holding If/Loop/Scan bodies, nodes inside those bodies (bodies are left
 alone; main-graph constants they read are folded like any other), Shape/Size of dynamically shaped tensors,
-DequantizeLinear (and so what it feeds) of constant integers: a quantized weight would turn back into
-the float weight a quantization pass (or the exporter) removed.
+DequantizeLinear (and so what it feeds) of constant integers, and Cast of constant 4-bit integers: a
+quantized weight would turn back into the float weight a quantization pass (or the exporter) removed.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 SHAPE_OPS = ("Shape", "Size")
 VIEW_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-KEPT_QUANTIZED = frozenset({"DequantizeLinear"})
+FOUR_BIT = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
 
 
 @dataclass
@@ -199,7 +199,7 @@ def _plan(graph: onnx.GraphProto, shape_values: dict[str, np.ndarray], excluded:
             constant.append(node)
             known.update(o for o in node.output if o)
             continue
-        if excluded.intersection(node.output) or next(subgraphs(node), None) is not None or node.op_type in KEPT_QUANTIZED:
+        if excluded.intersection(node.output) or next(subgraphs(node), None) is not None or _restores_quantized(node, graph):
             continue
         if not all(i in known for i in node.input if i):
             continue
@@ -229,6 +229,13 @@ def _plan(graph: onnx.GraphProto, shape_values: dict[str, np.ndarray], excluded:
     removed = [n for n in constant if id(n) not in kept_ids]
     evaluated = [n for n in constant if id(n) in cone and n.output[0] not in shape_values]
     return _Plan(removed=removed, evaluated=evaluated, needed=needed, refused=refused)
+
+
+def _restores_quantized(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+    """DequantizeLinear, or Cast of a 4-bit initializer: the float weight it makes was quantized on purpose."""
+    if node.op_type == "DequantizeLinear":
+        return True
+    return node.op_type == "Cast" and any(t.name == node.input[0] and t.data_type in FOUR_BIT for t in graph.initializer)
 
 
 def _unfoldable_reason(node: onnx.NodeProto, runnable: set[tuple[str, str]] | None) -> str | None:

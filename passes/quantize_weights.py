@@ -135,6 +135,9 @@ class QuantizeWeights(Pass):
             candidate, problem = self._back_off(base, weights, quantized, levels, fmt, hessians, reference, problem, fallback, ctx)
         if problem:
             return PassResult(False, refused=refused + [f"over budget even with every weight float: {problem}"])
+        if all(level == FLOAT for level in levels.values()):
+            reasons = sorted(set(fallback.values()))
+            return PassResult(False, refused=refused + [f"every weight had to stay float to keep the budget: {'; '.join(reasons[:3])}"])
         notes += [opset_note] if opset_note else []
         saved = initializer_bytes(model) - initializer_bytes(candidate)
         model.CopyFrom(candidate)

@@ -186,3 +186,42 @@ def test_bad_budget_options_exit_2(tmp_path, model_path, capsys, flags, message)
     assert cli.main(["optimize", str(model_path), "-o", str(out), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def mlp_model() -> onnx.ModelProto:
+    """x -> MatMul(w1) -> Relu -> MatMul(w2) -> y, 64x64 weights"""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), n) for n in ("w1", "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], inits)
+
+
+def test_int4_preset_end_to_end(tmp_path, capsys):
+    source = model_io.save(mlp_model(), tmp_path / "mlp.onnx")
+    data = tmp_path / "feeds.npz"
+    np.savez(data, x=np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32))
+    out, report = tmp_path / "mlp.int4.onnx", tmp_path / "report.json"
+    args = ["optimize", str(source), "-o", str(out), "--preset", "int4", "--data", str(data), "--report", str(report), "--no-latency-guard", "--min-fidelity", "cosine=0.98"]
+    assert cli.main(args) == 0
+    records = {r["name"]: r for r in json.loads(report.read_text())["records"]}
+    record = records["quantize-weights"]
+    assert record["status"] == "applied", record["reason"]
+    assert record["details"]["quantized"] == {"MatMul": 2}
+    assert record["latency_ms"] is None  # the guard was off
+    quantized = model_io.load(out)
+    assert any(t.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.UINT8) for t in quantized.graph.initializer)
+    assert out.stat().st_size < source.stat().st_size / 3
+    assert "quantize-weights: quantized MatMul 2" in capsys.readouterr().out
+
+
+def test_quantization_over_budget_keeps_the_float_model_and_says_why(tmp_path, capsys):
+    source = model_io.save(mlp_model(), tmp_path / "mlp.onnx")
+    data = tmp_path / "feeds.npz"
+    np.savez(data, x=np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32))
+    out, report = tmp_path / "mlp.int4.onnx", tmp_path / "report.json"
+    args = ["optimize", str(source), "-o", str(out), "--passes", "quantize-weights:bits=4", "--data", str(data), "--report", str(report), "--no-latency-guard", "--min-fidelity", "cosine=0.9999999"]
+    assert cli.main(args) == 0
+    (record,) = json.loads(report.read_text())["records"]
+    assert record["status"] in ("no change", "rolled back")
+    assert "cosine" in (record["reason"] + " ".join(record["refused"]))
+    assert [n.op_type for n in model_io.load(out).graph.node] == ["MatMul", "Relu", "MatMul"]
