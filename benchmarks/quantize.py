@@ -97,7 +97,7 @@ class Workload:
     presets: tuple[str, ...] = ("int8",)
     targets: dict[str, tuple[Target, ...]] = field(default_factory=dict)
     # the task budget graphopt is given (labels of the calibration feeds, Budget); None: the default floors
-    budget: Callable[[list[Feed]], tuple[list[np.ndarray], Budget]] | None = None
+    budget: Callable[[list[Feed], str], tuple[list[np.ndarray], Budget]] | None = None  # (calibration, preset)
 
 
 def ocr_calibration(count: int) -> list[Feed]:
@@ -120,7 +120,7 @@ def ocr_score(outputs: list[dict], reference: list[dict], truth: tuple[list[str]
     return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
 
 
-def ocr_budget(calibration: list[Feed]) -> tuple[list[np.ndarray], Budget]:
+def ocr_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
     """Character accuracy on the calibration lines' own texts may drop by at most 1 point."""
     characters = tasks.ocr_characters(onnx.load(str(models.ppocr_rec_path()), load_external_data=False))
     texts = models.sentence_snippets(len(calibration))
@@ -133,7 +133,7 @@ def ocr_budget(calibration: list[Feed]) -> tuple[list[np.ndarray], Budget]:
     return labels, Budget(metric=character_accuracy, max_drop=0.01)
 
 
-def yolo_budget(calibration: list[Feed]) -> tuple[list[np.ndarray], Budget]:
+def yolo_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
     """Detections after NMS must agree with fp32's (the labels) at F1 >= 0.97 (a margin under the 0.95 target)."""
     labels = [tasks.yolo_detections(o["output0"]) for o in runtime.run_all(graphopt.load(models.yolov8n_path()), calibration)]
 
@@ -163,6 +163,25 @@ def minilm_half(first: bool, count: int) -> list[Feed]:
     return (feeds[:half] if first else feeds[half:])[:count]
 
 
+def minilm_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
+    """Mean cosine of the mask-pooled sentence embeddings vs fp32 >= 0.99 for int8, >= 0.98 for int4 (the
+    targets).
+    The label of a feed is its attention mask followed by fp32's pooled embedding: the metric needs both,
+    and padding positions, whose hidden states nothing reads, must not count."""
+    fp32 = runtime.run_all(graphopt.load(models.minilm_path()), calibration)
+    labels = [np.concatenate([f["attention_mask"].reshape(-1).astype(np.float32), tasks.mean_pooled(o["last_hidden_state"], f["attention_mask"]).reshape(-1)]) for f, o in zip(calibration, fp32)]
+
+    def pooled_cosine(outputs: list[dict], labels: list[np.ndarray]) -> float:
+        cosines = []
+        for out, label in zip(outputs, labels):
+            hidden = out["last_hidden_state"]
+            mask = label[: hidden.shape[1]].reshape(1, -1)
+            cosines.append(tasks.cosines(label[hidden.shape[1] :].reshape(1, -1), tasks.mean_pooled(hidden, mask))[0])
+        return float(np.mean(cosines))
+
+    return labels, Budget(metric=pooled_cosine, max_drop=0.02 if preset == "int4" else 0.01)
+
+
 def minilm_score(outputs: list[dict], reference: list[dict], truth: None) -> dict:
     def pooled(outs: list[dict]) -> np.ndarray:
         return np.concatenate([tasks.mean_pooled(o["last_hidden_state"], o["__mask"]) for o in outs])
@@ -190,6 +209,7 @@ WORKLOADS = {
             "int8": (Target("cosine", True, 0.99), Target("nn_agreement", True, 0.97), Target("speedup", True, 2.0)),
             "int4": (Target("size_ratio", False, 0.2), Target("cosine", True, 0.98)),
         },
+        budget=minilm_budget,
     ),
 }
 
@@ -350,7 +370,7 @@ def graphopt_plans(preset: str) -> tuple[list[tuple[str, dict]], str]:
 def graphopt_quantize(variant: Variant, original: onnx.ModelProto, calibration: list[Feed], threads: int, kwargs: dict, work: Workload) -> onnx.ModelProto:
     """graphopt.optimize on the calibration feeds (it splits them itself: the first half calibrates, the
     second validates the budget), with the workload's task budget; the scored feeds stay unseen."""
-    labels, budget = work.budget(calibration) if work.budget else (None, None)
+    labels, budget = work.budget(calibration, variant.config["preset"]) if work.budget else (None, None)
     feeds = FeedSet(calibration, labels, f"{len(calibration)} calibration feeds")
     result = graphopt.optimize(original, data=feeds, max_feeds=len(calibration), threads=threads, budget=budget, **kwargs)
     variant.report = result.report

@@ -111,6 +111,7 @@ MAX_FUSION_ROUNDS = 20
 CONCAT_MIN_SHARE = 16  # a Concat input must span at least 1/16 of the output's range (16 levels)
 BUDGET_MARGIN = 0.5  # share of the budget's allowed loss a choice may use on the calibration feeds
 RANGES_SHOWN = 50
+MAX_CONSTANT = 1e30  # beyond this a constant is a sentinel (a mask fill), not a value
 
 
 @dataclass
@@ -298,18 +299,22 @@ class QuantizeStatic(Pass):
         if problem is None:
             return units, None
         errors = sensitivities(builder, units, dtype, ctx.calibration[:SENSITIVITY_FEEDS])
-        ranked = sorted(units, key=lambda u: -errors[u.name])
-        lo, hi = 0, len(ranked)  # returning lo nodes fails; returning all of them is the float model
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if problem_with(ranked[mid:]):
-                lo = mid
-            else:
-                hi = mid
-        if hi == len(ranked):
+        rankings = {
+            "local error": sorted(units, key=lambda u: -errors[u.name]),
+            # error compounds towards the outputs: detection and recognition heads are the usual culprits
+            "distance to the outputs": list(reversed(units)),
+        }
+        best: tuple[int, str] | None = None
+        for name, ranked in rankings.items():
+            returned = _fewest_to_return(ranked, problem_with, best[0] if best else len(ranked))
+            if returned is not None and (best is None or returned < best[0]):
+                best = (returned, name)
+        if best is None:
             return units, f"no set of quantized nodes stays within the budget on the calibration feeds (all nodes quantized: {problem})"
-        detail = {u.name: f"local error {errors[u.name]:.3g}; all quantized: {problem}" for u in ranked[:hi]}
-        return self._return(builder.plan, units, {u.name for u in ranked[:hi]}, "sensitive", detail), None
+        returned, name = best
+        ranked = rankings[name]
+        detail = {u.name: f"ranked by {name} (local error {errors[u.name]:.3g}); all quantized: {problem}" for u in ranked[:returned]}
+        return self._return(builder.plan, units, {u.name for u in ranked[:returned]}, "sensitive", detail), None
 
     def _faster_only(self, builder: Builder, units: list[Unit], dtype, ctx: PassContext) -> list[Unit]:
         settings = RuntimeSettings(level="all", threads=ctx.threads)
@@ -330,6 +335,22 @@ class QuantizeStatic(Pass):
                 text = detail[u.name] if isinstance(detail, dict) else detail
                 plan.kept_float.append({"node": u.name, "op_type": u.op_type, "reason": reason, "detail": text})
         return [u for u in units if u.name not in names]
+
+
+def _fewest_to_return(ranked: list, problem_with, limit: int) -> int | None:
+    """By bisection, the smallest k <= `limit` such that returning the first k of `ranked` to float meets
+    the budget (`problem_with(the rest)` is None; k = 0 is known to fail). None when returning `limit`
+    already fails, or when only returning all of them (the float model) would do."""
+    if limit < len(ranked) and problem_with(ranked[limit:]):
+        return None
+    lo, hi = 0, limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if problem_with(ranked[mid:]):
+            lo = mid
+        else:
+            hi = mid
+    return hi if hi < len(ranked) else None
 
 
 def tightened(budget: Budget) -> Budget:
@@ -439,6 +460,8 @@ def _unit(graph, k: int, node: onnx.NodeProto, made_by, constants: dict[str, np.
             value = constant_of(graph, name, made_by)
             if value is None:
                 return f"input {name!r} is not a float32 constant"
+            if value.size and not (np.all(np.isfinite(value)) and np.abs(value).max() < MAX_CONSTANT):
+                return f"constant input {name!r} holds infinite or huge values (a mask fill such as -inf), which 8 bits cannot hold"
             constants[name] = value
             unit.constants[p] = name
         else:
