@@ -492,3 +492,15 @@ def test_latency_fallback_runs_on_a_real_profile():
         assert result.counts.get("kept_float_slower", 0) == len(kept) and result.counts["nodes_quantized"] + len(kept) == 3
     else:
         assert result.refused == ["every quantizable node was returned to float"]
+
+
+def test_add_of_a_mask_fill_constant_stays_float():
+    """x -> Conv -> Add(-inf/huge mask constant) -> y: the Add stays float (8 bits cannot hold -inf), the Conv is quantized."""
+    mask = np.zeros((1, 4, 6, 6), np.float32)
+    mask[..., 0] = np.finfo(np.float32).min
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Add", ["c", "mask"], ["y"], name="masked")]
+    model = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 4, 6, 6])], [tensor("w", [4, 4, 1, 1]), numpy_helper.from_array(mask, "mask")])
+    after, result = quantize(model)
+    assert result.changed and result.details["quantized"] == {"Conv": 1}
+    (entry,) = [k for k in result.details["kept_float"] if k["node"] == "masked"]
+    assert entry["reason"] == "unsupported" and "infinite or huge values" in entry["detail"]
