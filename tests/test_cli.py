@@ -196,13 +196,20 @@ def mlp_model() -> onnx.ModelProto:
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], inits)
 
 
-def test_int4_preset_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def mlp_job(tmp_path):
+    """(the optimize arguments for mlp_model with 16 seeded feeds, the model path, output, report)."""
     source = model_io.save(mlp_model(), tmp_path / "mlp.onnx")
     data = tmp_path / "feeds.npz"
     np.savez(data, x=np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32))
     out, report = tmp_path / "mlp.int4.onnx", tmp_path / "report.json"
-    args = ["optimize", str(source), "-o", str(out), "--preset", "int4", "--data", str(data), "--report", str(report), "--no-latency-guard", "--min-fidelity", "cosine=0.98"]
-    assert cli.main(args) == 0
+    args = ["optimize", str(source), "-o", str(out), "--data", str(data), "--report", str(report), "--no-latency-guard"]
+    return args, source, out, report
+
+
+def test_int4_preset_end_to_end(mlp_job, capsys):
+    args, source, out, report = mlp_job
+    assert cli.main(args + ["--preset", "int4", "--min-fidelity", "cosine=0.98"]) == 0
     records = {r["name"]: r for r in json.loads(report.read_text())["records"]}
     record = records["quantize-weights"]
     assert record["status"] == "applied", record["reason"]
@@ -214,13 +221,9 @@ def test_int4_preset_end_to_end(tmp_path, capsys):
     assert "quantize-weights: quantized MatMul 2" in capsys.readouterr().out
 
 
-def test_quantization_over_budget_keeps_the_float_model_and_says_why(tmp_path, capsys):
-    source = model_io.save(mlp_model(), tmp_path / "mlp.onnx")
-    data = tmp_path / "feeds.npz"
-    np.savez(data, x=np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32))
-    out, report = tmp_path / "mlp.int4.onnx", tmp_path / "report.json"
-    args = ["optimize", str(source), "-o", str(out), "--passes", "quantize-weights:bits=4", "--data", str(data), "--report", str(report), "--no-latency-guard", "--min-fidelity", "cosine=0.9999999"]
-    assert cli.main(args) == 0
+def test_quantization_over_budget_keeps_the_float_model_and_says_why(mlp_job):
+    args, _, out, report = mlp_job
+    assert cli.main(args + ["--passes", "quantize-weights:bits=4", "--min-fidelity", "cosine=0.9999999"]) == 0
     (record,) = json.loads(report.read_text())["records"]
     assert record["status"] in ("no change", "rolled back")
     assert "cosine" in (record["reason"] + " ".join(record["refused"]))
