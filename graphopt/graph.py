@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -184,6 +184,23 @@ def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> in
     for k in reversed(positions):
         del graph.node[k]
     return len(positions)
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of attribute `name` of `node`, or `default` when the node does not set it."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def drop_unread(graph: onnx.GraphProto, names: Iterable[str]) -> None:
+    """Remove those of `names` that are initializers or Constant-node outputs and that no node (subgraphs
+    included) and no graph output reads any more: the leftovers of a rewrite that replaced them."""
+    readers, outputs = consumers(graph), output_names(graph)
+    unread = {n for n in names if not readers.get(n) and n not in outputs}
+    kept = [t for t in graph.initializer if t.name not in unread]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    remove_nodes(graph, [n for n in graph.node if n.op_type == "Constant" and n.output[0] in unread])
 
 
 class NameGenerator:

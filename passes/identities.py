@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.graph import STANDARD_DOMAINS, constant_value, consumers, iter_graphs, output_names, remove_nodes, replace_tensor
+from graphopt.graph import STANDARD_DOMAINS, attribute, constant_value, consumers, iter_graphs, output_names, remove_nodes, replace_tensor
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 from graphopt.shapes import GraphFacts, all_graph_facts
 
@@ -82,17 +82,13 @@ def _constant(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, what: st
     return f"{what} input {node.input[index]} is not a constant initializer" if value is None else value
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    found = [a for a in node.attribute if a.name == name]
-    return helper.get_attribute_value(found[0]) if found else default
-
 
 def identity(node, graph, facts) -> Verdict:
     return True
 
 
 def dropout(node, graph, facts) -> Verdict:
-    if facts.opset < 7 and _attr(node, "is_test", 0) != 1:
+    if facts.opset < 7 and attribute(node, "is_test", 0) != 1:
         return "opset < 7 Dropout without is_test=1 runs in training mode"
     training = _constant(graph, node, 2, "training_mode")
     if isinstance(training, str):
@@ -109,7 +105,7 @@ def cast(node, graph, facts) -> Verdict:
     source = facts.elem_types.get(node.input[0])
     if source is None:
         return f"element type of {node.input[0]} is unknown"
-    return source == _attr(node, "to")
+    return source == attribute(node, "to")
 
 
 def reshape(node, graph, facts) -> Verdict:
@@ -121,7 +117,7 @@ def reshape(node, graph, facts) -> Verdict:
         return dims
     if len(dims) != target.size:
         return False
-    copies_zero = not _attr(node, "allowzero", 0)
+    copies_zero = not attribute(node, "allowzero", 0)
     for axis, (size, want) in enumerate(zip(dims, target.tolist())):
         if (want == 0 and copies_zero) or want == -1:
             continue
@@ -134,7 +130,7 @@ def reshape(node, graph, facts) -> Verdict:
 
 
 def transpose(node, graph, facts) -> Verdict:
-    perm = _attr(node, "perm")
+    perm = attribute(node, "perm")
     if perm is not None:
         return list(perm) == list(range(len(perm)))
     dims = facts.rank_shape(node.input[0])
@@ -144,7 +140,7 @@ def transpose(node, graph, facts) -> Verdict:
 
 
 def pad(node, graph, facts) -> Verdict:
-    pads = _attr(node, "pads") if facts.opset < 11 else _constant(graph, node, 1, "pads")
+    pads = attribute(node, "pads") if facts.opset < 11 else _constant(graph, node, 1, "pads")
     if isinstance(pads, str):
         return pads
     return pads is not None and not np.any(np.asarray(pads))
@@ -152,7 +148,7 @@ def pad(node, graph, facts) -> Verdict:
 
 def slice_(node, graph, facts) -> Verdict:
     if facts.opset < 10:
-        starts, ends, axes, steps = _attr(node, "starts"), _attr(node, "ends"), _attr(node, "axes"), None
+        starts, ends, axes, steps = attribute(node, "starts"), attribute(node, "ends"), attribute(node, "axes"), None
     else:
         names = ("starts", "ends", "axes", "steps")
         starts, ends, axes, steps = (_constant(graph, node, k, what) for k, what in enumerate(names, 1))
@@ -259,7 +255,7 @@ def expand(node, graph, facts) -> Verdict:
 
 
 def _axes(node, graph, facts) -> np.ndarray | str | None:
-    axes = _attr(node, "axes") if facts.opset < 13 else _constant(graph, node, 1, "axes")
+    axes = attribute(node, "axes") if facts.opset < 13 else _constant(graph, node, 1, "axes")
     return axes if axes is None or isinstance(axes, str) else np.asarray(axes)
 
 

@@ -49,12 +49,12 @@ from graphopt.activations import intermediates
 from graphopt.graph import (
     STANDARD_DOMAINS,
     NameGenerator,
-    consumers,
+    attribute,
     copy_model,
+    drop_unread,
+    initializer_bytes,
     iter_graphs,
-    output_names,
     producers,
-    tensor_bytes,
 )
 from graphopt.passes import qdq
 from graphopt.passes_base import Pass, PassContext, PassError, PassResult, register
@@ -120,7 +120,7 @@ class QuantizeDynamic(Pass):
         model.CopyFrom(quantized)
         details["quantized"] = dict(Counter(s.op_type for s in chosen))
         details["weight_bits"] = fmt.bits
-        counts = {"nodes_quantized": len(chosen), "bytes_saved": _bytes(base) - _bytes(model)}
+        counts = {"nodes_quantized": len(chosen), "bytes_saved": initializer_bytes(base) - initializer_bytes(model)}
         return PassResult(changed=True, counts=counts, details=details, notes=notes, refused=_refusals(plan.kept_float))
 
     def _format(self, base, sites, reference, ctx) -> tuple["_Format", onnx.ModelProto, str | None]:
@@ -213,7 +213,7 @@ def _layer_errors(model: onnx.ModelProto, sites: list[_Site], feeds, fmt: _Forma
     for s in sites:
         node = nodes[s.output]
         w = qdq.weight(graph, s.weight, made_by)
-        w = w.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
+        w = w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
         layers[s] = (node.input[0], w, fmt.quantize(w).dequantized())
     squared = {s: [0.0, 0.0] for s in sites}
     for values in intermediates(model, feeds, sorted({x for x, _, _ in layers.values()})):
@@ -247,17 +247,6 @@ def _kept(site_or_node, reason: str, detail: str) -> dict:
     return {"node": node.name or node.output[0], "op_type": node.op_type, "reason": reason, "detail": detail}
 
 
-def _bytes(model: onnx.ModelProto) -> int:
-    return sum(tensor_bytes(t) for g in iter_graphs(model.graph) for t in g.initializer)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _plan(model: onnx.ModelProto, ops: set[str], min_elements: int) -> _Plan:
     """Which nodes can be quantized, and why the others cannot."""
     plan = _Plan()
@@ -286,7 +275,7 @@ def _unsupported(graph: onnx.GraphProto, node: onnx.NodeProto, made_by) -> str |
         return f"weight has rank {w.ndim}; only 2-D weights are quantized"
     if w.dtype != np.float32:
         return f"weight is {w.dtype}; DynamicQuantizeLinear takes float32 only"
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+    if node.op_type == "Gemm" and attribute(node, "transA", 0):
         return "Gemm with transA=1 (the activation would need a Transpose first)"
     return None
 
@@ -325,12 +314,12 @@ class _GraphRewriter:
                 nodes.append(node)
         del self.graph.node[:]
         self.graph.node.extend(nodes)
-        self._drop_unused(old)
+        drop_unread(self.graph, old)
 
     def _replacement(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         x, y = node.input[0], node.output[0]
-        trans_b = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
-        alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        trans_b = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
+        alpha = float(attribute(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         new: list[onnx.NodeProto] = []
         x_q, x_scale, x_zero = self._activation(x, new)
         w_q, w_scale = self._weight(node.input[1], trans_b, alpha)
@@ -369,7 +358,7 @@ class _GraphRewriter:
 
     def _bias(self, node: onnx.NodeProto, product: str, y: str, stem: str) -> list[onnx.NodeProto]:
         """Gemm's C, times beta, added in float."""
-        beta = float(_attr(node, "beta", 1.0))
+        beta = float(attribute(node, "beta", 1.0))
         c = node.input[2]
         value = qdq.weight(self.graph, c, self.made_by)
         if beta != 1.0 and value is not None:
@@ -383,13 +372,3 @@ class _GraphRewriter:
                 helper.make_node("Add", [product, scaled], [y], name=self.names(f"{stem}_bias_Add")),
             ]
         return [helper.make_node("Add", [product, c], [y], name=self.names(f"{stem}_bias_Add"))]
-
-    def _drop_unused(self, candidates: set[str]) -> None:
-        """Float weights and Gemm biases that no node reads any more are removed."""
-        readers = consumers(self.graph)
-        keep = output_names(self.graph)
-        unused = {n for n in candidates if not readers.get(n) and n not in keep}
-        kept = [t for t in self.graph.initializer if t.name not in unused]
-        if len(kept) != len(self.graph.initializer):
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(kept)

@@ -76,8 +76,10 @@ from graphopt import calibrate, profiling, runtime
 from graphopt.errors import PassError
 from graphopt.graph import (
     NameGenerator,
+    attribute,
     consumers,
     copy_model,
+    drop_unread,
     iter_graphs,
     output_names,
     producers,
@@ -416,9 +418,6 @@ def make_plan(model: onnx.ModelProto, allowed: Iterable[str]) -> Plan:
     return plan
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
 
 def _unit(graph, k: int, node: onnx.NodeProto, made_by, constants: dict[str, np.ndarray]) -> Unit | str:
     """The Unit for a node of an allowed op type, or why it cannot be quantized."""
@@ -434,7 +433,7 @@ def _unit(graph, k: int, node: onnx.NodeProto, made_by, constants: dict[str, np.
             return f"weight {node.input[1]!r} is not a float32 constant"
         if op == "MatMul" and w.ndim != 2:
             return f"weight {node.input[1]!r} has rank {w.ndim}; only 2-D MatMul weights are quantized"
-        if op == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "transA", 0) or (len(node.input) > 2 and _attr(node, "beta", 1.0) != 1.0)):
+        if op == "Gemm" and (attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "transA", 0) or (len(node.input) > 2 and attribute(node, "beta", 1.0) != 1.0)):
             return "Gemm with alpha or beta != 1 or transA is not fused by onnxruntime"
         unit.weight, unit.axis = node.input[1], qdq.weight_axis(node, w.ndim)
         constants[unit.weight] = w
@@ -492,7 +491,7 @@ def _fold_activation(graph, unit: Unit, readers, outs, constants, made_by) -> No
 def _is_data_movement(node: onnx.NodeProto) -> bool:
     if node.op_type not in qdq.DATA_MOVEMENT_OPS or node.domain not in ("", "ai.onnx"):
         return False
-    return node.op_type != "Resize" or _attr(node, "mode", b"nearest") in (b"nearest", "nearest")
+    return node.op_type != "Resize" or attribute(node, "mode", b"nearest") in (b"nearest", "nearest")
 
 
 def _shared_scales(graph, made_by) -> dict[str, str]:
@@ -691,22 +690,8 @@ class Builder:
             ordered.extend(after.get(k, []))
         del graph.node[:]
         graph.node.extend(ordered)
-        _drop_unread(graph, {w for w, _ in weight_dq} | set(const_dq) | {u.bias for u in units if u.bias})
+        drop_unread(graph, {w for w, _ in weight_dq} | set(const_dq) | {u.bias for u in units if u.bias})
         return model
-
-
-def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Remove float weights (initializers or Constant nodes) that nothing reads any more."""
-    readers = consumers(graph)
-    unread = {n for n in names if not readers.get(n) and n not in output_names(graph)}
-    kept_inits = [t for t in graph.initializer if t.name not in unread]
-    if len(kept_inits) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept_inits)
-    kept_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in unread)]
-    if len(kept_nodes) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(kept_nodes)
 
 
 # ----------------------------------------------------------------------------------------------- measuring

@@ -45,7 +45,7 @@ from onnx import helper
 
 from graphopt.activations import intermediates
 from graphopt.errors import PassError
-from graphopt.graph import STANDARD_DOMAINS, NameGenerator, constant_names, consumers, copy_model, initializer_bytes, output_names, producers, remove_nodes
+from graphopt.graph import STANDARD_DOMAINS, NameGenerator, attribute, constant_names, consumers, copy_model, drop_unread, initializer_bytes, output_names, producers, remove_nodes
 from graphopt.passes.gptq import Hessian, gptq
 from graphopt.passes.qdq import (
     BLOCKED_OPSET,
@@ -269,8 +269,8 @@ def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, m
         return f"weight {name!r} has rank {value.ndim}; only 2-D weights are quantized"
     if value.size < min_elements:
         return f"weight {name!r} has {value.size} elements < min_weight_elements={min_elements}"
-    if node.op_type == "Gather" and _attr(node, "axis", 0) != 0:
-        return f"Gather on axis {_attr(node, 'axis', 0)}; only row lookups (axis 0) are quantized"
+    if node.op_type == "Gather" and attribute(node, "axis", 0) != 0:
+        return f"Gather on axis {attribute(node, 'axis', 0)}; only row lookups (axis 0) are quantized"
     return None
 
 
@@ -278,15 +278,9 @@ def _reduction_axis(node: onnx.NodeProto, transpose: onnx.NodeProto | None) -> i
     """The stored weight's axis that the reader sums over (a table's: its rows' elements, axis 1)."""
     if node.op_type == "Gather":
         return 1
-    axis = 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
+    axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
     return 1 - axis if transpose is not None else axis
 
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -299,7 +293,7 @@ def _label(node: onnx.NodeProto) -> str:
 def _hessians(model: onnx.ModelProto, weights: dict[str, _Weight], ctx: PassContext) -> dict[str, np.ndarray]:
     """H = 2 X^T X of each MatMul/Gemm weight's input over the calibration feeds, streamed one feed at a
     time; weights read by several nodes sum their readers'. Tables (Gather) have none."""
-    readers = {name: [(u.node.input[0], bool(_attr(u.node, "transA", 0))) for u in w.uses] for name, w in weights.items() if not w.table}
+    readers = {name: [(u.node.input[0], bool(attribute(u.node, "transA", 0))) for u in w.uses] for name, w in weights.items() if not w.table}
     keys = list(dict.fromkeys(key for pairs in readers.values() for key in pairs))
     if not keys or not ctx.calibration:
         return {}
@@ -529,7 +523,7 @@ def _contrib_possible(graph: onnx.GraphProto, w: _Weight, use: _Use, q: Quantize
         return use.gather and q.bits == 4
     node = use.node
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+        if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
             return False
         c = weight(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
         return len(node.input) < 3 or not node.input[2] or (c is not None and c.shape == (w.as_kn(w.value).shape[1],))
@@ -550,11 +544,7 @@ def _drop_unused(graph: onnx.GraphProto, weights: dict[str, _Weight]) -> None:
     readers, outs = consumers(graph), output_names(graph)
     dead = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights and not readers.get(n.output[0]) and n.output[0] not in outs]
     remove_nodes(graph, dead)
-    readers = consumers(graph)
-    keep = [t for t in graph.initializer if t.name not in weights or readers.get(t.name) or t.name in outs]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    drop_unread(graph, weights)
 
 
 # ---- report ----------------------------------------------------------------------------------------

@@ -58,11 +58,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.graph import (
     STANDARD_DOMAINS,
-    live_mask,
     NameGenerator,
+    attribute,
     constant_value,
     consumers,
     iter_graphs,
+    live_mask,
     output_names,
     producers,
     remove_nodes,
@@ -150,13 +151,13 @@ class ShapeVectors:
             return _at(node, dims)
         entries = [Dim(node.input[0], axis) if size is None else size for axis, size in enumerate(dims)]
         # Shape's start/end (opset 15) clamp like a Python slice with step 1.
-        return Vector(tuple(entries[_attr(node, "start", 0) : _attr(node, "end", len(entries))]))
+        return Vector(tuple(entries[attribute(node, "start", 0) : attribute(node, "end", len(entries))]))
 
     def _cast(self, node: onnx.NodeProto, depth: int) -> Vector | str:
-        if _attr(node, "to") not in (TensorProto.INT32, TensorProto.INT64):
+        if attribute(node, "to") not in (TensorProto.INT32, TensorProto.INT64):
             return _at(node, "casts to a type other than int32/int64, which may change the values")
         source = self.value(node.input[0], depth)
-        if isinstance(source, str) or _attr(node, "to") == TensorProto.INT64:
+        if isinstance(source, str) or attribute(node, "to") == TensorProto.INT64:
             return source
         narrow = [e if not isinstance(e, int) or INT32_RANGE[0] <= e <= INT32_RANGE[1] else None for e in source.entries]
         return Vector(tuple(narrow), source.scalar)
@@ -165,7 +166,7 @@ class ShapeVectors:
         source, indices = self.vector(node, depth), constant_value(self.graph, node.input[1])
         if isinstance(source, str):
             return source
-        if indices is None or indices.ndim > 1 or _attr(node, "axis", 0) not in (0, -1):
+        if indices is None or indices.ndim > 1 or attribute(node, "axis", 0) not in (0, -1):
             return _at(node, "indices are not a 0-D/1-D constant")
         n = len(source.entries)
         picked = [int(k) + n if k < 0 else int(k) for k in indices.reshape(-1)]
@@ -178,7 +179,7 @@ class ShapeVectors:
         if isinstance(source, str):
             return source
         if self.facts.opset < 10:
-            starts, ends, axes, steps = _attr(node, "starts"), _attr(node, "ends"), _attr(node, "axes"), None
+            starts, ends, axes, steps = attribute(node, "starts"), attribute(node, "ends"), attribute(node, "axes"), None
         else:
             starts, ends, axes, steps = (self._optional_constant(node, k) for k in range(1, 5))
         single = starts is not None and ends is not None and np.size(starts) == 1 and np.size(ends) == 1
@@ -206,7 +207,7 @@ class ShapeVectors:
         return Vector(source.entries, scalar=True)
 
     def _concat(self, node: onnx.NodeProto, depth: int) -> Vector | str:
-        if _attr(node, "axis") not in (0, -1):
+        if attribute(node, "axis") not in (0, -1):
             return _at(node, "not along axis 0")
         entries: list[Entry] = []
         for piece in node.input:
@@ -234,17 +235,13 @@ class ShapeVectors:
 def axes_of(node: onnx.NodeProto, graph: onnx.GraphProto, opset: int) -> list[int] | None | str:
     """Unsqueeze/Squeeze axes: the attribute before opset 13, the constant input after; None when absent."""
     if opset < 13:
-        axes = _attr(node, "axes")
+        axes = attribute(node, "axes")
         return None if axes is None else list(axes)
     if len(node.input) < 2 or not node.input[1]:
         return None
     value = constant_value(graph, node.input[1])
     return f"axes input {node.input[1]} is not a constant initializer" if value is None else value.reshape(-1).tolist()
 
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    found = [a for a in node.attribute if a.name == name]
-    return helper.get_attribute_value(found[0]) if found else default
 
 
 def _at(node: onnx.NodeProto, reason: str) -> str:
@@ -269,7 +266,7 @@ def _is(node: onnx.NodeProto | None, op: str) -> bool:
 def resolve_target(node: onnx.NodeProto, target: Vector, facts: GraphFacts, assume_nonempty: bool) -> list[int] | str:
     """The constant target equivalent to `target` for Reshape `node`, or why there is none."""
     data = node.input[0]
-    allowzero = bool(_attr(node, "allowzero", 0))
+    allowzero = bool(attribute(node, "allowzero", 0))
     resolved: list[int | None] = []
     for position, entry in enumerate(target.entries):
         if isinstance(entry, Dim) and entry == Dim(data, position) and not allowzero:
@@ -312,7 +309,7 @@ def copied_dims_preserved(first: onnx.NodeProto, second_target: Vector, graph: o
     size once the second reads the first's input, or None."""
     source, middle = first.input[0], first.output[0]
     first_target = constant_value(graph, first.input[1])
-    first_copies = first_target is not None and not _attr(first, "allowzero", 0)
+    first_copies = first_target is not None and not attribute(first, "allowzero", 0)
     for k, entry in enumerate(second_target.entries):
         if isinstance(entry, int) and entry != 0:
             continue
@@ -437,7 +434,7 @@ class _GraphRewriter:
 
     def merge_reshapes(self, first: onnx.NodeProto, second: onnx.NodeProto) -> None:
         reason = self.private_intermediate(first, second)
-        if not reason and not _attr(second, "allowzero", 0):  # with allowzero=1 only the element count matters
+        if not reason and not attribute(second, "allowzero", 0):  # with allowzero=1 only the element count matters
             target = self.vectors.value(second.input[1])
             if isinstance(target, str):
                 reason = f"the second target {second.input[1]} cannot be read: {target}"

@@ -37,7 +37,9 @@ from graphopt.activations import intermediates
 from graphopt.graph import (
     STANDARD_DOMAINS,
     NameGenerator,
+    attribute,
     consumers,
+    drop_unread,
     output_names,
     producers,
     rename_node_reads,
@@ -127,7 +129,7 @@ class SmoothQuant(Pass):
                 "weights": [n.name or n.output[0] for n in c.linear], "restored_for": [n.name or n.output[0] for n in c.others],
             })
         _insert_after_producers(graph, restores)
-        _drop_unused(graph, replaced)
+        drop_unread(graph, replaced)
         details = {"smoothed": smoothed, "refused": refused}
         return PassResult(changed=bool(smoothed), counts={"activations_smoothed": len(smoothed)}, refused=refused, details=details)
 
@@ -200,7 +202,7 @@ def _linear_readers(graph: onnx.GraphProto) -> dict[str, tuple[list, list]]:
 def _takes_row_scaling(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
     if node.domain not in STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
         return False
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+    if node.op_type == "Gemm" and attribute(node, "transA", 0):
         return False
     w = qdq.weight(graph, node.input[1])
     return w is not None and w.ndim == 2
@@ -208,14 +210,8 @@ def _takes_row_scaling(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
 
 def _input_rows(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
     """The weight as [input channels, output channels]."""
-    return w.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
+    return w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
 
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _divisions(graph: onnx.GraphProto, x: str, made_by, readers) -> list[_Division]:
@@ -227,7 +223,7 @@ def _divisions(graph: onnx.GraphProto, x: str, made_by, readers) -> list[_Divisi
         raise _Refused(f"its producer {node.op_type} ({node.domain}) cannot absorb a per-channel scale")
     constant = lambda k: len(node.input) > k and node.input[k] and qdq.weight(graph, node.input[k]) is not None  # noqa: E731
     if node.op_type == "LayerNormalization":
-        if _attr(node, "axis", -1) != -1:
+        if attribute(node, "axis", -1) != -1:
             raise _Refused("its LayerNormalization normalizes over more than the last axis")
         if not constant(1) or (len(node.input) > 2 and node.input[2] and not constant(2)):
             raise _Refused("its LayerNormalization's scale or bias is computed")
@@ -235,7 +231,7 @@ def _divisions(graph: onnx.GraphProto, x: str, made_by, readers) -> list[_Divisi
     if node.op_type in ("MatMul", "Gemm") and _takes_row_scaling(graph, node):
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and not constant(2):
             raise _Refused("its Gemm's C is computed")
-        weight_axis = 0 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 1
+        weight_axis = 0 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 1
         extra = [_Division(node, 2)] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
         return [_Division(node, 1, weight_axis)] + extra
     if node.op_type == "Mul" and len(node.input) == 2:
@@ -284,7 +280,7 @@ def _rewrite(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGe
     replaced = {d.node.input[d.input_index] for d in c.divisions} | {n.input[1] for n in c.linear}
     scaled: dict[tuple[str, bool], str] = {}
     for node in c.linear:
-        trans = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+        trans = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
         key = (node.input[1], trans)
         if key not in scaled:
             w = qdq.weight(graph, node.input[1])
@@ -335,13 +331,3 @@ def _add_initializer(graph: onnx.GraphProto, names: NameGenerator, hint: str, va
     name = names(hint)
     graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     return name
-
-
-def _drop_unused(graph: onnx.GraphProto, replaced: set[str]) -> None:
-    """Initializers replaced by smoothed copies and read by nothing else go."""
-    readers = consumers(graph)
-    keep = output_names(graph) | {i.name for i in graph.input}
-    kept = [t for t in graph.initializer if t.name not in replaced or readers.get(t.name) or t.name in keep]
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
