@@ -44,6 +44,9 @@ Guards, on the calibration feeds (the pipeline then checks the held-out validati
     Names are mapped back as onnxruntime writes them: a fused kernel keeps the name of the node it
     replaces, the NHWC layout transformer appends `_token_<n>`; leftover Q/DQ nodes keep the names this
     pass gave them (`<tensor>_QuantizeLinear`), which say which tensor, hence which nodes.
+  islands: after the other guards, a connected region of quantized nodes (joined by quantized tensors)
+    without a quantized Conv/Gemm/MatMul goes back to float (reason "island"): bounded by float nodes, it
+    only adds Q/DQ work
   `bias_correction`: each quantized Conv/Gemm bias is shifted by the mean per-channel output change that
     weight quantization causes, measured on the calibration feeds (a bias is added where there is none).
 
@@ -226,6 +229,7 @@ class QuantizeStatic(Pass):
                 return [], problem
         if self.latency_fallback and units:
             units = self._faster_only(builder, units, dtype, ctx)
+        units = self._without_islands(builder.plan, units)
         if len(units) != before:
             units = self._fused_only(builder, units, dtype)
         return units, (None if units else "every quantizable node was returned to float")
@@ -328,6 +332,16 @@ class QuantizeStatic(Pass):
         slower = slower_units(judged, float_times, quant_times, charges(builder.plan.model, quant_model, units))
         detail = {name: f"{q:.3f} ms quantized vs {f:.3f} ms float" for name, (q, f) in slower.items()}
         return self._return(builder.plan, units, set(slower), "slower", detail)
+
+    def _without_islands(self, plan: Plan, units: list[Unit]) -> list[Unit]:
+        """Return to float every region of quantized nodes (units joined by a quantized tensor) holding no
+        quantized Conv/Gemm/MatMul: bounded by float nodes, such a region only adds QuantizeLinear and
+        DequantizeLinear work (YOLOv8n with its head kept float for accuracy: the Sigmoid/Mul/Add/Concat
+        left quantized there made it 1.17x slower than fp32)."""
+        regions = quantized_regions(plan, units)
+        islands = {u.name for region in regions if not any(u.op_type in WEIGHTED for u in region) for u in region}
+        detail = "no quantized Conv, Gemm or MatMul among the quantized nodes it is connected to: it would only add QuantizeLinear/DequantizeLinear work"
+        return self._return(plan, units, islands, "island", detail)
 
     @staticmethod
     def _return(plan: Plan, units: list[Unit], names: set[str], reason: str, detail) -> list[Unit]:
@@ -515,6 +529,28 @@ def quantized_tensors(plan: Plan, units: list[Unit]) -> list[str]:
             wanted.update(o for o in node.output if o)  # onnxruntime drops a Split's pairs only when all outputs have one
     order = [i.name for i in plan.model.graph.input] + [o for n in plan.model.graph.node for o in n.output]
     return [t for t in order if t in wanted]
+
+
+def quantized_regions(plan: Plan, units: list[Unit]) -> list[list[Unit]]:
+    """`units` grouped into connected regions: two units are in one region when they share a quantized
+    tensor (directly, or through the data-movement nodes that carry a scale between them)."""
+    leader = {u.name: u.name for u in units}
+
+    def find(name: str) -> str:
+        while leader[name] != name:
+            leader[name] = leader[leader[name]]
+            name = leader[name]
+        return name
+
+    first_with: dict[str, str] = {}
+    for u in units:
+        for tensor in plan.tensors_alone(u):
+            other = first_with.setdefault(tensor, u.name)
+            leader[find(u.name)] = find(other)
+    regions: dict[str, list[Unit]] = defaultdict(list)
+    for u in units:
+        regions[find(u.name)].append(u)
+    return list(regions.values())
 
 
 def root(plan: Plan, tensor: str, wanted: set[str]) -> str:

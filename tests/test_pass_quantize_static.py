@@ -368,6 +368,28 @@ def test_without_fallback_everything_is_quantized():
     assert cosine(before, after, outlier_feeds(before, 4, 1)) < 0.99
 
 
+def test_elementwise_island_without_a_weighted_node_stays_float():
+    """x -> Conv -> c -> Sigmoid -> Mul(c) -> y ; z -> Sigmoid -> Mul(z) -> u: the SiLU after the Conv shares
+    its quantized tensor and stays quantized; the SiLU on z reaches no quantized Conv, so it only adds
+    Q/DQ work and returns to float (reason "island")."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Sigmoid", ["c"], ["s"], name="sig_c"),
+        helper.make_node("Mul", ["c", "s"], ["y"], name="mul_c"),
+        helper.make_node("Sigmoid", ["z"], ["t"], name="sig_z"),
+        helper.make_node("Mul", ["z", "t"], ["u"], name="mul_z"),
+    ]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6]), vi("z", [1, 4, 6, 6])], [vi("y", [1, 4, 6, 6]), vi("u", [1, 4, 6, 6])], [tensor("w", [4, 4, 1, 1])])
+    after, result = quantize(before)
+    assert result.details["quantized"] == {"Conv": 1, "Sigmoid": 1, "Mul": 1}
+    islands = [(k["node"], k["reason"]) for k in result.details["kept_float"]]
+    assert islands == [("sig_z", "island"), ("mul_z", "island")] and result.counts["kept_float_island"] == 2
+    assert producer(after, "u").op_type == "Mul" and producer(after, "t").input == ["z"]
+    ops, chains = fused(after)
+    assert "QLinearConv" in ops and "QLinearSigmoid" in ops and chains == []
+    check_close(before, after)
+
+
 def test_refused_when_no_node_stays_within_budget():
     """x -> MatMul (outlier input) -> y alone: no quantized node keeps the budget, so the pass refuses."""
     model = outlier_model()
