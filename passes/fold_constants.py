@@ -28,7 +28,7 @@ Refused (named in `refused`, node left in place):
 
 Not folded, not reported: nodes holding If/Loop/Scan bodies, nodes inside those bodies (bodies are left
 alone; main-graph constants they read are folded like any other), Shape/Size of dynamically shaped tensors,
-DequantizeLinear (and so what it feeds) of constant integers, and Cast of constant 4-bit integers: a
+DequantizeLinear (and so what it feeds) of constant integers, and Cast of constant 4- or 8-bit integers: a
 quantized weight would turn back into the float weight a quantization pass (or the exporter) removed.
 """
 
@@ -55,11 +55,11 @@ from graphopt.graph import (
     tensor_bytes,
 )
 from graphopt.shapes import inferred_shapes
+from graphopt.passes import qdq
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 SHAPE_OPS = ("Shape", "Size")
 VIEW_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-FOUR_BIT = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
 
 
 @dataclass
@@ -194,12 +194,13 @@ def _plan(graph: onnx.GraphProto, shape_values: dict[str, np.ndarray], excluded:
     known = set(constant_names(graph))
     constant: list[onnx.NodeProto] = []
     refused: list[str] = []
+    integer_weights = qdq.integer_weights(graph)  # what restores them was quantized on purpose: not folded
     for node in graph.node:
         if node.output and node.output[0] in shape_values:
             constant.append(node)
             known.update(o for o in node.output if o)
             continue
-        if excluded.intersection(node.output) or next(subgraphs(node), None) is not None or _restores_quantized(node, graph):
+        if excluded.intersection(node.output) or next(subgraphs(node), None) is not None or qdq.restores_weight(node, integer_weights):
             continue
         if not all(i in known for i in node.input if i):
             continue
@@ -229,13 +230,6 @@ def _plan(graph: onnx.GraphProto, shape_values: dict[str, np.ndarray], excluded:
     removed = [n for n in constant if id(n) not in kept_ids]
     evaluated = [n for n in constant if id(n) in cone and n.output[0] not in shape_values]
     return _Plan(removed=removed, evaluated=evaluated, needed=needed, refused=refused)
-
-
-def _restores_quantized(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
-    """DequantizeLinear, or Cast of a 4-bit initializer: the float weight it makes was quantized on purpose."""
-    if node.op_type == "DequantizeLinear":
-        return True
-    return node.op_type == "Cast" and any(t.name == node.input[0] and t.data_type in FOUR_BIT for t in graph.initializer)
 
 
 def _unfoldable_reason(node: onnx.NodeProto, runnable: set[tuple[str, str]] | None) -> str | None:

@@ -21,6 +21,21 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from graphopt.graph import NameGenerator, STANDARD_DOMAINS, constant_value, default_opset
 
+# Integer types a quantized weight is stored in.
+WEIGHT_INTEGER_TYPES = frozenset({TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8})
+
+
+def restores_weight(node: onnx.NodeProto, integer_constants: set[str]) -> bool:
+    """Whether `node` turns a quantized weight back into floats: a DequantizeLinear, or a Cast of an integer
+    constant (quantize-weights' folded form, which onnxruntime expands when it loads the model)."""
+    return node.op_type == "DequantizeLinear" or (node.op_type == "Cast" and node.input[0] in integer_constants)
+
+
+def integer_weights(graph: onnx.GraphProto) -> set[str]:
+    """Initializers of graph `graph` stored in a weight integer type."""
+    return {t.name for t in graph.initializer if t.data_type in WEIGHT_INTEGER_TYPES}
+
+
 # Ops onnxruntime's CPU provider turns into integer kernels when wrapped in DequantizeLinear (inputs) and
 # QuantizeLinear (output), and the kernel it makes.
 FUSED_OPS = {

@@ -1,4 +1,4 @@
-"""quantize-weights: weight-only int4/int8 quantization of MatMul/Gemm weights and Gather tables, for size.
+"""quantize-weights: weight-only int4/int8 quantization of MatMul/Gemm/Conv weights and Gather tables, for size.
 
 Activations stay float; only constant weights are stored as integers plus scales. Rewrites (main graph):
   MatMul(x, W [K, N]) => MatMul(x, DequantizeLinear(W_q, scales, block_size along K))   format dequantize
@@ -8,6 +8,9 @@ Activations stay float; only constant weights are stored as integers plus scales
     (file of int4, speed and memory of float; DequantizeLinear is the one op it never folds)
   Gemm(a, B, C) => the same with B's reduction axis following transB; as MatMulNBits (C as its bias) only
     when transA=0, alpha=beta=1 and C is absent or holds N values, else through DequantizeLinear
+  Conv(x, W [M, C/group, k...]) => Conv(x, Reshape(restored W as [M, C/group * k...]))   formats dequantize /
+    folded (any format name: MatMulNBits has no Conv form); blocks along the flattened kernel, per-channel
+    scales per output channel; rounded to nearest (GPTQ would need the unfolded image patches)
   Gather(T [V, D], ids, axis 0) => Gather(restored T, ids), blocks along D   formats dequantize / folded
   Gather(T [V, D], ids, axis 0) => com.microsoft.GatherBlockQuantized(T_q, ids, scales)   format matmulnbits
   MatMul/Gemm(x, Transpose(W)) (a tied embedding after fold-shared-weights) => the transposed weight's
@@ -27,10 +30,11 @@ is 4), then to float, in doubling steps until the budget holds (details int8_fal
 
 Refused (in `refused`, weight left float):
   a weight computed from constants at run time (run fold-constants first) or overridable by a graph input
-  weights that are not float32, not 2-D, or smaller than min_weight_elements (little to gain)
+  weights that are not float32, not 2-D (a Conv kernel: rank >= 3), or smaller than min_weight_elements
   Gather on an axis other than 0
   a weight whose readers need different reduction axes (e.g. a Gather table also read as MatMul's [K, N])
-MatMul/Gemm/Gather whose operand is an activation are not weights and are not listed.
+MatMul/Gemm/Gather/Conv whose operand is an activation are not weights and are not listed, nor is a weight
+already quantized (restored by a DequantizeLinear or a Cast of integers: another quantization pass's work).
 Subgraphs (If/Loop/Scan bodies) are left float: their weights are not looked at.
 """
 
@@ -56,9 +60,11 @@ from graphopt.passes.qdq import (
     ensure_opset,
     float_tensor,
     int_tensor,
+    integer_weights,
     pack_int4,
     quantize_blockwise,
     quantize_per_channel,
+    restores_weight,
     weight,
 )
 from graphopt.passes_base import VALIDATION_SETTINGS, Pass, PassContext, PassResult, register
@@ -90,10 +96,15 @@ class _Weight:
     value: np.ndarray
     axis: int
     uses: list[_Use] = field(default_factory=list)
+    shape: tuple[int, ...] | None = None  # a Conv kernel's own shape; `value` is its [M, C/group * k...] view
 
     @property
     def table(self) -> bool:
         return any(u.gather for u in self.uses)
+
+    @property
+    def conv(self) -> bool:
+        return self.shape is not None
 
     def as_kn(self, array: np.ndarray) -> np.ndarray:
         """`array` (shaped like the stored weight) as [K, N]."""
@@ -104,7 +115,7 @@ class _Weight:
 @dataclass
 class QuantizeWeights(Pass):
     name = "quantize-weights"
-    description = "weight-only int4/int8 (blockwise or per channel) for MatMul/Gemm weights and Gather tables, for size"
+    description = "weight-only int4/int8 (blockwise or per channel) for MatMul/Gemm/Conv weights and Gather tables, for size"
     lossless = False
     claims = "size"
     bits: int = 4
@@ -216,12 +227,12 @@ def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int) -
     refused: list[str] = []
     conflicts: set[str] = set()
     for node in graph.node:
-        if node.domain not in STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Gather") or (node.op_type == "Gather" and not embeddings):
+        if node.domain not in STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Gather", "Conv") or (node.op_type == "Gather" and not embeddings):
             continue
         slot = 0 if node.op_type == "Gather" else 1
         name, transpose = node.input[slot], None
         if name not in consts:
-            transpose = _transposed_constant(made_by.get(name), consts) if node.op_type != "Gather" else None
+            transpose = _transposed_constant(made_by.get(name), consts) if node.op_type in ("MatMul", "Gemm") else None
             if transpose is None:
                 reason = _computed_reason(graph, name, made_by.get(name), consts)
                 if reason:
@@ -234,8 +245,9 @@ def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int) -
             refused.append(f"{_label(node)}: {reason}")
             continue
         axis = _reduction_axis(node, transpose)
-        entry = found.setdefault(name, _Weight(name, value, axis))
-        if entry.axis != axis:
+        shape = value.shape if node.op_type == "Conv" else None
+        entry = found.setdefault(name, _Weight(name, value.reshape(value.shape[0], -1) if shape else value, axis, shape=shape))
+        if entry.axis != axis or entry.shape != shape:
             conflicts.add(name)
         entry.uses.append(_Use(node, transpose))
     for name in sorted(conflicts):
@@ -255,9 +267,27 @@ def _computed_reason(graph: onnx.GraphProto, name: str, producer: onnx.NodeProto
     """Why a weight-position input that is no constant is refused; None when it is an activation."""
     if name in {t.name for t in graph.initializer}:
         return f"weight {name!r} is also a graph input (it can be fed at run time)"
+    if _restored_from_integers(graph, name, producers(graph)):
+        return None
     if producer is not None and all(i in consts for i in producer.input if i):
         return f"weight {name!r} is computed from constants by {producer.op_type} at run time (run fold-constants first)"
     return None
+
+
+def _restored_from_integers(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `name` is already a quantized weight: computed from constants through a DequantizeLinear
+    or a Cast of integers (this pass's folded form, or another quantization's)."""
+    ints = integer_weights(graph)
+    pending, seen = [name], set()
+    while pending:
+        node = made_by.get(pending.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if restores_weight(node, ints):
+            return True
+        pending.extend(i for i in node.input if i)
+    return False
 
 
 def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, min_elements: int) -> str | None:
@@ -265,7 +295,9 @@ def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, m
         return f"weight {name!r} is not a float tensor"
     if value.dtype != np.float32:
         return f"weight {name!r} is {value.dtype}; only float32 weights are quantized"
-    if value.ndim != 2:
+    if node.op_type == "Conv" and value.ndim < 3:
+        return f"Conv weight {name!r} has rank {value.ndim}; a kernel has rank 3 or more"
+    if node.op_type != "Conv" and value.ndim != 2:
         return f"weight {name!r} has rank {value.ndim}; only 2-D weights are quantized"
     if value.size < min_elements:
         return f"weight {name!r} has {value.size} elements < min_weight_elements={min_elements}"
@@ -275,8 +307,9 @@ def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, m
 
 
 def _reduction_axis(node: onnx.NodeProto, transpose: onnx.NodeProto | None) -> int:
-    """The stored weight's axis that the reader sums over (a table's: its rows' elements, axis 1)."""
-    if node.op_type == "Gather":
+    """The stored weight's axis that the reader sums over (a table's: its rows' elements, axis 1; a Conv
+    kernel's: axis 1 of its [M, C/group * k...] view)."""
+    if node.op_type in ("Gather", "Conv"):
         return 1
     axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
     return 1 - axis if transpose is not None else axis
@@ -292,8 +325,9 @@ def _label(node: onnx.NodeProto) -> str:
 
 def _hessians(model: onnx.ModelProto, weights: dict[str, _Weight], ctx: PassContext) -> dict[str, np.ndarray]:
     """H = 2 X^T X of each MatMul/Gemm weight's input over the calibration feeds, streamed one feed at a
-    time; weights read by several nodes sum their readers'. Tables (Gather) have none."""
-    readers = {name: [(u.node.input[0], bool(attribute(u.node, "transA", 0))) for u in w.uses] for name, w in weights.items() if not w.table}
+    time; weights read by several nodes sum their readers'. Tables (Gather) and Conv kernels (whose
+    X would be the unfolded image patches) have none: they are rounded to nearest."""
+    readers = {name: [(u.node.input[0], bool(attribute(u.node, "transA", 0))) for u in w.uses] for name, w in weights.items() if not w.table and not w.conv}
     keys = list(dict.fromkeys(key for pairs in readers.values() for key in pairs))
     if not keys or not ctx.calibration:
         return {}
@@ -367,11 +401,11 @@ class _Rewriter:
                 self.replaced[node.output[0]] = new
                 continue
             if dq_out is None and fmt == "folded":
-                dq_out = self._folded(w, q)
+                dq_out = self._as_kernel(w, self._folded(w, q))
             elif dq_out is None:
                 standard = standard or self._standard(w, q)
                 axis = q.axis if np.ndim(q.scale) > 0 else None
-                dq_out = self.builder.dequantize(_hint(w.name), *standard, axis=axis, block_size=q.block_size)
+                dq_out = self._as_kernel(w, self.builder.dequantize(_hint(w.name), *standard, axis=axis, block_size=q.block_size))
             if use.transpose is not None:
                 self.by_output[use.transpose.output[0]].input[0] = dq_out
             else:
@@ -384,6 +418,15 @@ class _Rewriter:
         _drop_unused(self.graph, weights)
         if any(n.domain == CONTRIB for n in self.graph.node):
             ensure_domain(self.model, CONTRIB)
+
+    def _as_kernel(self, w: _Weight, restored: str) -> str:
+        """The restored weight in its stored shape: a Conv kernel is quantized as a 2-D view."""
+        if not w.conv:
+            return restored
+        shape = self.builder.initializer(f"{_hint(w.name)}_kernel_shape", np.array(w.shape, np.int64))
+        out = self.builder.names(f"{_hint(w.name)}_kernel")
+        self.builder.new_nodes.append(helper.make_node("Reshape", [restored, shape], [out]))
+        return out
 
     def _standard(self, w: _Weight, q: QuantizedWeight) -> tuple[str, str, str | None]:
         """ONNX-typed values (INT4/UINT4/INT8/UINT8), scales and zero points, as DequantizeLinear reads them."""
@@ -517,7 +560,7 @@ def _contrib_possible(graph: onnx.GraphProto, w: _Weight, use: _Use, q: Quantize
     """Whether this reader can take the weight as MatMulNBits / GatherBlockQuantized. A tied table's
     MatMul reads the Gather's int4 tensor through DequantizeLinear (stored once); with 8 bits both go
     through DequantizeLinear. A Gemm needs transA=0, alpha=beta=1 and C absent or a constant [N]."""
-    if not q.block_size or q.block_size < 16 or q.block_size & (q.block_size - 1):
+    if w.conv or not q.block_size or q.block_size < 16 or q.block_size & (q.block_size - 1):
         return False
     if w.table and not all(u.gather for u in w.uses):
         return use.gather and q.bits == 4

@@ -228,3 +228,16 @@ def test_quantization_over_budget_keeps_the_float_model_and_says_why(mlp_job):
     assert record["status"] in ("no change", "rolled back")
     assert "cosine" in (record["reason"] + " ".join(record["refused"]))
     assert [n.op_type for n in model_io.load(out).graph.node] == ["MatMul", "Relu", "MatMul"]
+
+
+def test_int8_preset_leaves_no_large_float_weight(mlp_job):
+    """Whichever way quantize-int8 goes (a faster integer model, or rolled back as not faster), the
+    preset's last step stores the weights still float as int8: the file shrinks either way."""
+    args, source, out, report = mlp_job
+    assert cli.main(args + ["--preset", "int8", "--min-fidelity", "cosine=0.98"]) == 0
+    records = {r["name"]: r for r in json.loads(report.read_text())["records"]}
+    assert {"quantize-int8", "quantize-weights"} <= set(records)
+    quantized = model_io.load(out)
+    float_weights = [t.name for t in quantized.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 1024]
+    assert float_weights == []
+    assert out.stat().st_size < source.stat().st_size / 3

@@ -355,3 +355,19 @@ def test_dequantized_weight_is_not_folded_back_to_float():
     _, after, result = fold(model)
     assert not result.changed
     assert op_types(after) == ["DequantizeLinear", "Transpose", "MatMul"]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+def test_cast_of_an_8_bit_weight_is_not_folded_back_to_float(dtype):
+    """w_q(int8/uint8) -> Cast -> Mul(scale) -> MatMul(x, .) -> y: quantize-weights' folded format, which
+    onnxruntime expands at load; folding it here would store the float weight again."""
+    nodes = [
+        helper.make_node("Cast", ["w_q"], ["w_int"], to=TP.FLOAT),
+        helper.make_node("Mul", ["w_int", "s"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(RNG.integers(0, 100, (3, 4)).astype(dtype), "w_q"), numpy_helper.from_array(np.float32(0.02), "s")]
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 4])], inits)
+    before, after, result = fold(model)
+    assert not result.changed and op_types(after) == ["Cast", "Mul", "MatMul"]
+    assert_same_outputs(before, after, seeded_feeds(before))

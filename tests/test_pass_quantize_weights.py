@@ -412,3 +412,65 @@ def test_pass_gptq_beats_rtn_on_the_calibration_outputs():
         got = ort_outputs(after, feeds)
         errors[method] = sum(np.linalg.norm(g["y"] - r["y"]) for g, r in zip(got, reference))
     assert errors["gptq"] < 0.6 * errors["rtn"]
+
+
+def conv_model(out_channels=16, in_channels=8, group=1):
+    """x [1, C, 6, 6] -> Conv(W [M, C/group, 3, 3], b) -> y"""
+    w = RNG.standard_normal((out_channels, in_channels // group, 3, 3)).astype(np.float32)
+    b = RNG.standard_normal(out_channels).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", pads=[1, 1, 1, 1], group=group)
+    return make_model([node], [vi("x", [1, in_channels, 6, 6])], [vi("y", [1, out_channels, 6, 6])], [init("W", w), init("b", b)]), w
+
+
+@pytest.mark.parametrize("fmt", ["folded", "dequantize"])
+@pytest.mark.parametrize("group", [1, 8])  # a plain and a depthwise kernel
+def test_conv_int8_per_channel_restored_in_the_kernel_shape(fmt, group):
+    """x -> Conv(W) -> y  =>  Reshape(restore(W int8 [M, C/group*9], one scale per output channel)) -> Conv;
+    the folded form becomes the float Conv again when onnxruntime loads it"""
+    model, w = conv_model(group=group, out_channels=16 if group == 1 else 8)
+    after, result = quantize(model, format=fmt, bits=8, block_size=0, min_weight_elements=64)
+    ops = op_types(after)
+    assert ops[-2:] == ["Reshape", "Conv"] and ("DequantizeLinear" in ops) == (fmt == "dequantize")
+    assert result.details["quantized"] == {"Conv": 1} and result.counts["weights_int8"] == 1
+    assert "W" not in initializer_types(after) and TP.INT8 in initializer_types(after).values()
+    if fmt == "folded":  # the same kernels as the float model (onnxruntime may add NCHWc reorders)
+        at_load = op_types(optimized_graph(after, RuntimeSettings(level="all")))
+        assert at_load == op_types(optimized_graph(model, RuntimeSettings(level="all"))) and "Cast" not in at_load
+    view = w.reshape(w.shape[0], -1)
+    expected = quantize_per_channel(view, 0, 8).dequantized().reshape(w.shape)
+    assert_close(with_weights(model, {"W": expected}), after, float_feeds(model))
+
+
+def test_conv_int4_blocks_run_along_the_flattened_kernel():
+    """int4, block 32 over each output channel's C*3*3 = 72 values (three blocks, the last partial)."""
+    model, w = conv_model()
+    after, result = quantize(model, format="folded", block_size=32, symmetric=True)
+    assert result.counts["weights_int4"] == 1 and "Slice" in op_types(after)
+    expected = quantize_blockwise(w.reshape(16, -1), 1, 32, 4).dequantized().reshape(w.shape)
+    assert_close(with_weights(model, {"W": expected}), after, float_feeds(model))
+
+
+def test_conv_in_matmulnbits_format_goes_through_dequantize():
+    """MatMulNBits has no Conv form: the kernel is restored by DequantizeLinear instead."""
+    model, _ = conv_model()
+    after, result = quantize(model, format="matmulnbits", block_size=32)
+    assert op_types(after) == ["DequantizeLinear", "Reshape", "Conv"]
+
+
+def test_weight_already_quantized_is_skipped_without_a_refusal():
+    """W_q (int8) -> DequantizeLinear -> MatMul, and a folded Cast(int8) * s -> MatMul: both are already
+    quantized, so nothing is done and nothing is reported as refused (a float MatMul weight next to them
+    is quantized as usual)."""
+    w = RNG.standard_normal((64, 48)).astype(np.float32)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Wq", "s"], ["W1"]),
+        helper.make_node("MatMul", ["x", "W1"], ["a"], name="dq"),
+        helper.make_node("Cast", ["Wq"], ["Wi"], to=TP.FLOAT),
+        helper.make_node("Mul", ["Wi", "s"], ["W2"]),
+        helper.make_node("MatMul", ["x", "W2"], ["b"], name="folded"),
+        helper.make_node("MatMul", ["x", "W"], ["c"], name="float"),
+    ]
+    inits = [init("Wq", RNG.integers(-127, 128, (64, 48)).astype(np.int8)), init("s", np.float32(0.01)), init("W", w)]
+    model = make_model(nodes, [vi("x", [3, 64])], [vi("a", [3, 48]), vi("b", [3, 48]), vi("c", [3, 48])], inits)
+    after, result = quantize(model, format="folded", bits=8)
+    assert result.refused == [] and result.details["bits"] == {"W": 8}
