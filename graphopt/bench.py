@@ -53,7 +53,7 @@ def bench(
     """Time each (label, model) on `feeds`, interleaved; returns one Timing per model, in order."""
     if not feeds:
         raise ValueError("bench needs at least one feed")
-    settings = RuntimeSettings(level=level, threads=threads, spinning=False)
+    settings = RuntimeSettings(level=level, threads=threads, spinning=False, memory_arena=True)
     sessions, timings = [], []
     for label, model in models:
         start = timer()

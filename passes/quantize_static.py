@@ -323,7 +323,7 @@ class QuantizeStatic(Pass):
         return self._return(builder.plan, units, {u.name for u in ranked[:returned]}, "sensitive", detail), None
 
     def _faster_only(self, builder: Builder, units: list[Unit], dtype, ctx: PassContext) -> list[Unit]:
-        settings = RuntimeSettings(level="all", threads=ctx.threads)
+        settings = RuntimeSettings(level="all", threads=ctx.threads, memory_arena=True)
         feeds = ctx.calibration[:2]
         float_times = profiling.node_times(builder.plan.model, feeds, settings, rounds=5)
         quant_model = builder.build(units, dtype)
