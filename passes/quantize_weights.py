@@ -264,30 +264,13 @@ def _transposed_constant(node: onnx.NodeProto | None, consts: set[str]) -> onnx.
 
 
 def _computed_reason(graph: onnx.GraphProto, name: str, producer: onnx.NodeProto | None, consts: set[str]) -> str | None:
-    """Why a weight-position input that is no constant is refused; None when it is an activation."""
+    """Why a weight-position input that is no constant is refused; None when it is an activation or a
+    weight already quantized (restored by a DequantizeLinear or a Cast of integers)."""
     if name in {t.name for t in graph.initializer}:
         return f"weight {name!r} is also a graph input (it can be fed at run time)"
-    if _restored_from_integers(graph, name, producers(graph)):
+    if producer is None or not all(i in consts for i in producer.input if i) or restores_weight(producer, integer_weights(graph)):
         return None
-    if producer is not None and all(i in consts for i in producer.input if i):
-        return f"weight {name!r} is computed from constants by {producer.op_type} at run time (run fold-constants first)"
-    return None
-
-
-def _restored_from_integers(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto]) -> bool:
-    """Whether `name` is already a quantized weight: computed from constants through a DequantizeLinear
-    or a Cast of integers (this pass's folded form, or another quantization's)."""
-    ints = integer_weights(graph)
-    pending, seen = [name], set()
-    while pending:
-        node = made_by.get(pending.pop())
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if restores_weight(node, ints):
-            return True
-        pending.extend(i for i in node.input if i)
-    return False
+    return f"weight {name!r} is computed from constants by {producer.op_type} at run time (run fold-constants first)"
 
 
 def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, min_elements: int) -> str | None:
