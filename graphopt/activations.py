@@ -1,6 +1,7 @@
 """Running a model with intermediate tensors exposed, one feed at a time.
 
-`intermediates` streams the values of chosen tensors feed by feed (nothing accumulates here), and
+`intermediates` streams the values of chosen tensors feed by feed, a bounded group of tensors per run
+(nothing accumulates here), and
 `ActivationCache` keeps what passes ask for repeatedly, such as the shapes onnxruntime really produces,
 so that several passes share one run.
 """
@@ -13,25 +14,81 @@ import numpy as np
 import onnx
 
 from graphopt import runtime
-from graphopt.graph import copy_model
+from graphopt.graph import copy_model, drop_unread, initializer_bytes, live_mask, remove_nodes
 from graphopt.runtime import RuntimeSettings
+from graphopt.profiling import output_bytes
 
 
-def exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` whose main graph also outputs `names` (untyped; onnxruntime infers them)."""
+MIN_EXPOSED_BYTES = 16 << 20
+
+
+def intermediates(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], settings: RuntimeSettings = RuntimeSettings(), max_bytes: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the values of `names` (main-graph tensors, graph inputs or outputs) on each feed, in groups:
+    one dict per group of names and feed. Every (name, feed) pair comes exactly once, group by group;
+    callers fold values by name.
+
+    onnxruntime keeps every output of a run alive until the run returns, so exposing all activations at
+    once costs their total size per run (212 MB for PP-OCRv4 rec, a 10 MB model). The names are therefore
+    split, in graph order, into groups whose values on the largest feed take at most `max_bytes`
+    (default: `exposure_limit`).
+    Each group runs in its own session on a copy of the model cut down to the nodes it needs."""
+    limit = max_bytes if max_bytes is not None else exposure_limit(model, feeds)
+    for group in exposure_groups(model, feeds, names, limit, settings.threads):
+        sess = runtime.session(cut_to(model, group), settings)
+        for feed in feeds:
+            yield runtime.run(sess, feed, group)
+        del sess
+
+
+def exposure_limit(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> int:
+    """The default bound on the bytes one run exposes: as much as the model's weights and the feeds take
+    (so calibration stays within a small multiple of model + data), at least MIN_EXPOSED_BYTES."""
+    return max(MIN_EXPOSED_BYTES, initializer_bytes(model) + sum(_feed_bytes(f) for f in feeds))
+
+
+def exposure_groups(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], limit: int, threads: int = 0) -> list[list[str]]:
+    """`names` in graph order, split into runs whose sizes on the largest feed (as onnxruntime's profiler
+    reports them from one run) total at most `limit` (a larger tensor alone). A name of unknown size (a
+    Constant output, say) counts as the largest known one; with no size known, everything goes in one
+    group."""
+    position = {o: k for k, node in enumerate(model.graph.node) for o in node.output}
+    ordered = sorted(dict.fromkeys(names), key=lambda n: position.get(n, -1))
+    largest = max(feeds, key=_feed_bytes, default=None)
+    sizes = {k: np.asarray(v).nbytes for k, v in (largest or {}).items()}
+    if largest is not None and any(n in position for n in ordered):
+        sizes.update(output_bytes(model, largest, threads))
+    known = [sizes[n] for n in ordered if n in sizes]
+    if not known:
+        return [ordered] if ordered else []
+    groups: list[list[str]] = []
+    total = 0
+    for name in ordered:
+        size = sizes.get(name, max(known))
+        if not groups or total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return groups
+
+
+def _feed_bytes(feed: dict[str, np.ndarray]) -> int:
+    return sum(np.asarray(v).nbytes for v in feed.values())
+
+
+def cut_to(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose main graph outputs exactly `names` (those not outputs already untyped:
+    onnxruntime infers them) and keeps only the nodes and weights they need. Graph inputs all stay, so
+    that every feed still fits."""
     copy = copy_model(model)
-    present = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in present:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    graph = copy.graph
+    declared = {o.name: o for o in graph.output}
+    outputs = [declared.get(name) or onnx.ValueInfoProto(name=name) for name in names]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    remove_nodes(graph, [node for node, live in zip(graph.node, live_mask(graph)) if not live])
+    drop_unread(graph, [t.name for t in graph.initializer])
     return copy
-
-
-def intermediates(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], settings: RuntimeSettings = RuntimeSettings()) -> Iterator[dict[str, np.ndarray]]:
-    """Yield, for each feed, the values of `names` (main-graph tensors, graph inputs or outputs)."""
-    sess = runtime.session(exposed(model, names), settings)
-    for feed in feeds:
-        yield runtime.run(sess, feed, names)
 
 
 def main_graph_tensors(model: onnx.ModelProto) -> list[str]:

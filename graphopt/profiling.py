@@ -1,7 +1,7 @@
 """What onnxruntime really runs: per-node kernel times from its profiler, and the graph after its fusions.
 
 `node_times` turns on onnxruntime's profiler (RuntimeSettings.profile_prefix) and averages the kernel time of
-each node over the measured runs. `optimized_graph` saves the graph onnxruntime executes
+each node over the measured runs; `output_bytes` reads the output shapes it records. `optimized_graph` saves the graph onnxruntime executes
 (RuntimeSettings.optimized_model_path) and loads it back; `unfused_chains` and `fused_op_counts` read it to
 tell which quantized (DequantizeLinear -> op -> QuantizeLinear) groups became integer kernels.
 
@@ -67,16 +67,46 @@ def node_times(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], setti
     optimized graph), slowest first. One warm-up run (not counted), then `rounds` passes over `feeds`."""
     if not feeds:
         raise ValueError("node_times needs at least one feed")
+    return _mean_kernel_times(_profile_events(_named(model), feeds, settings, rounds), runs=rounds * len(feeds))
+
+
+def output_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int = 0) -> dict[str, int]:
+    """Bytes of each main-graph node output on `feed`, from the shapes onnxruntime's profiler records in
+    one run at level disable_all (the model's own nodes). Outputs of nodes that do not run as kernels
+    (Constant nodes become initializers at load) are absent."""
+    named = _named(model)
+    outputs = {node.name: [o for o in node.output if o] for node in named.graph.node}
+    sizes: dict[str, int] = {}
+    for e in _profile_events(named, [feed], RuntimeSettings(threads=threads), rounds=0):
+        name = e.get("name", "")
+        if e.get("cat") != "Node" or not name.endswith(_KERNEL):
+            continue
+        shapes = e.get("args", {}).get("output_type_shape", [])
+        names = outputs.get(name[: -len(_KERNEL)], [])
+        if len(names) != len(shapes):
+            continue
+        for out, typed in zip(names, shapes):
+            for dtype, dims in typed.items():
+                sizes[out] = int(np.prod(dims)) * _ITEMSIZE.get(dtype, 4)
+    return sizes
+
+
+_KERNEL = "_kernel_time"
+_ITEMSIZE = {"double": 8, "int64": 8, "uint64": 8, "int32": 4, "uint32": 4, "float16": 2, "bfloat16": 2, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}  # profiler dtype names; others 4
+
+
+def _profile_events(named: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings, rounds: int) -> list[dict]:
+    """onnxruntime's profiler events of one warm-up run on the first feed, then `rounds` passes over
+    `feeds`."""
     with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
         profiled = dataclasses.replace(settings, profile_prefix=os.path.join(tmp, "profile"))
-        sess = runtime.session(_named(model), profiled)
+        sess = runtime.session(named, profiled)
         runtime.run(sess, feeds[0])
         for _ in range(rounds):
             for feed in feeds:
                 runtime.run(sess, feed)
         with open(sess.end_profiling()) as f:
-            events = json.load(f)
-    return _mean_kernel_times(events, runs=rounds * len(feeds))
+            return json.load(f)
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -98,11 +128,10 @@ def _mean_kernel_times(events: list[dict], runs: int) -> list[NodeTime]:
     warm_end = model_runs[0][1] if model_runs else float("-inf")
     total_us: dict[str, float] = defaultdict(float)
     op_type: dict[str, str] = {}
-    suffix = "_kernel_time"
     for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith(suffix) or e["ts"] <= warm_end:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith(_KERNEL) or e["ts"] <= warm_end:
             continue
-        name = e["name"][: -len(suffix)]
+        name = e["name"][: -len(_KERNEL)]
         total_us[name] += e["dur"]
         op_type[name] = e.get("args", {}).get("op_name", "")
     times = [NodeTime(name, op_type[name], us / 1000.0 / runs) for name, us in total_us.items()]

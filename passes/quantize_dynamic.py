@@ -218,6 +218,8 @@ def _layer_errors(model: onnx.ModelProto, sites: list[_Site], feeds, fmt: _Forma
     squared = {s: [0.0, 0.0] for s in sites}
     for values in intermediates(model, feeds, sorted({x for x, _, _ in layers.values()})):
         for s, (x, w, w_deq) in layers.items():
+            if x not in values:
+                continue
             exact = values[x] @ w
             approx = fake_quantize_dynamic(values[x]) @ w_deq
             squared[s][0] += float(np.sum((approx - exact) ** 2))

@@ -317,6 +317,8 @@ def _hessians(model: onnx.ModelProto, weights: dict[str, _Weight], ctx: PassCont
     sums: dict[tuple[str, bool], Hessian] = {}
     for values in intermediates(model, ctx.calibration, sorted({name for name, _ in keys}), VALIDATION_SETTINGS):
         for name, transposed in keys:
+            if name not in values:
+                continue
             x = values[name].T if transposed else values[name]
             sums.setdefault((name, transposed), Hessian(x.shape[-1])).add(x)
     return {name: sum(sums[key].matrix for key in dict.fromkeys(pairs)) for name, pairs in readers.items()}

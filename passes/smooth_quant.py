@@ -173,6 +173,8 @@ def _errors(model: onnx.ModelProto, feeds, jobs) -> dict[str, list[float]]:
     quantized_w = {x: [qdq.quantize_per_channel(w * (1.0 if s is None else s[:, None]), 1).dequantized() for s in options] for x, w, options in jobs}
     for values in intermediates(model, feeds, [x for x, _, _ in jobs]):
         for x, w, options in jobs:
+            if x not in values:
+                continue
             rows = np.asarray(values[x], dtype=np.float32).reshape(-1, w.shape[0])
             sample = rows[:: max(1, len(rows) // SAMPLE_ROWS)]
             exact = sample @ w
