@@ -54,7 +54,8 @@ class TensorStats:
         self.count = 0
         self.zeros = 0  # exact zeros are counted apart: they are exact in every range, so they never err
         self.limit = 0.0  # R: the histogram covers [-R, R]; 0 until a non-zero value is seen
-        self.counts = np.zeros(2 * bins, dtype=np.int64)
+        # int32 halves the memory of hundreds of histograms; int64 once more values come than int32 holds
+        self.counts = np.zeros(2 * bins, dtype=np.int32)
 
     @property
     def edges(self) -> np.ndarray:
@@ -74,6 +75,7 @@ class TensorStats:
                 return
             lo, hi = float(x.min()), float(x.max())
         self.minimum, self.maximum = min(self.minimum, lo), max(self.maximum, hi)
+        self._make_room(x.size)
         self.count += x.size
         self._widen(max(-lo, hi))
         zeros = x.size - np.count_nonzero(x)
@@ -93,12 +95,17 @@ class TensorStats:
             raise ValueError(f"cannot merge histograms of {other.bins} and {self.bins} bins")
         if other.count == 0:
             return
+        self._make_room(other.count)
         self._widen(other.limit)
         theirs = _rebinned(other.counts, other.limit, self.limit) if other.limit else other.counts
         self.counts += theirs
         self.minimum, self.maximum = min(self.minimum, other.minimum), max(self.maximum, other.maximum)
         self.count += other.count
         self.zeros += other.zeros
+
+    def _make_room(self, more: int) -> None:
+        if self.counts.dtype != np.int64 and self.count + more > np.iinfo(self.counts.dtype).max:
+            self.counts = self.counts.astype(np.int64)
 
     def _widen(self, amax: float) -> None:
         """Grow R (by powers of two) until it exceeds `amax`, re-binning the counts."""
@@ -181,7 +188,7 @@ def _rebinned(counts: np.ndarray, limit: float, new_limit: float) -> np.ndarray:
     half = counts.size // 2
     factor = int(round(new_limit / limit))
     target = (np.arange(counts.size) - half) // factor + half
-    return np.bincount(target, weights=counts, minlength=counts.size).astype(np.int64)
+    return np.bincount(target, weights=counts, minlength=counts.size).astype(counts.dtype)
 
 
 def _quantile(counts: np.ndarray, width: float, q: float) -> float:

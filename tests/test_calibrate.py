@@ -64,6 +64,21 @@ def test_histogram_of_batches_equals_histogram_of_concatenation():
     assert (merged.minimum, merged.maximum, merged.count) == (whole.minimum, whole.maximum, whole.count)
 
 
+def test_counts_widen_to_int64_before_int32_could_overflow():
+    x = RNG.standard_normal(1000).astype(np.float32)
+    s = stats_of(x, bins=64)
+    assert s.counts.dtype == np.int32  # half the memory while it is safe
+    s.count = np.iinfo(np.int32).max - 500  # as if two billion values had been seen
+    before = s.counts.astype(np.int64)
+    s.update(x)
+    assert s.counts.dtype == np.int64
+    np.testing.assert_array_equal(s.counts, 2 * before)
+    merged = stats_of(x, bins=64)
+    merged.count = np.iinfo(np.int32).max - 500
+    merged.merge(stats_of(x * 100, bins=64))  # re-binned onto a wider range, as int64
+    assert merged.counts.dtype == np.int64 and merged.counts.sum() == 2 * x.size
+
+
 def test_histogram_counts_match_numpy_histogram():
     x = RNG.standard_normal(10_000).astype(np.float32)
     s = stats_of(x, bins=64)
