@@ -465,6 +465,31 @@ def test_bias_correction_changes_the_bias():
     check_close(model, corrected)
 
 
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMean's axes: an attribute, then an input
+def test_bias_correction_shift_is_the_mean_change_per_channel(opset):
+    """weight_shifts: per output channel, the mean over batch and pixels of conv(x, dequantized W) -
+    conv(x, W), reduced inside the graph (only a vector per Conv leaves onnxruntime)."""
+    from graphopt.passes import qdq
+    from graphopt.passes.quantize_static import make_plan, weight_shifts
+
+    model = conv_relu_model()
+    model.opset_import[0].version = opset
+    feeds = seeded_feeds(model, 3)
+    plan = make_plan(model, ["Conv"])
+    shifts = weight_shifts(plan, plan.units, feeds, per_channel=True)
+    rounded = copy_model(model)
+    w = next(t for t in rounded.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(qdq.quantize_per_channel(numpy_helper.to_array(w), 0).dequantized(), "w"))
+    conv_only = [(m, copy_model(m)) for m in (model, rounded)]
+    for _, m in conv_only:
+        del m.graph.node[1:]
+        m.graph.output[0].name = "c"
+    exact, approx = (ort_outputs(m, feeds) for _, m in conv_only)
+    expected = np.mean([(a["c"] - e["c"]).mean(axis=(0, 2, 3)) for a, e in zip(approx, exact)], axis=0)
+    assert shifts["conv"].shape == (8,) and np.abs(expected).max() > 0
+    np.testing.assert_allclose(shifts["conv"], expected, rtol=1e-3, atol=1e-6)
+
+
 def test_bad_option_is_a_pass_error():
     from graphopt.errors import PassError
 
