@@ -22,8 +22,8 @@ from graphopt import model as model_io
 from graphopt import runtime, validate
 from graphopt.errors import PassError, UserError
 from graphopt.graph import copy_model, serialized
+from graphopt.passes_base import BUDGET_SETTINGS, Pass, PassContext
 from graphopt.passes_base import VALIDATION_SETTINGS as VALIDATION
-from graphopt.passes_base import Pass, PassContext
 from graphopt.report import ModelStats, PassRecord, Report
 from graphopt.runtime import RuntimeSettings
 from graphopt.validate import Budget
@@ -135,7 +135,11 @@ class Pipeline:
                 if problem and floors is not None:
                     problem = validate.lossless_violation(diffs, current.outputs, self.rtol, self.atol, floors.get())
             else:
-                problem = self.budget.violation(original, outputs, ctx.validation_labels)
+                try:
+                    as_run = runtime.run_all(blob if blob is not None else candidate, ctx.validation, BUDGET_SETTINGS, what=f"the model after {p.name}")
+                    problem = self.budget.violation(original, as_run, ctx.validation_labels)
+                except UserError as exc:
+                    problem = str(exc)
         if problem is None and p.claims and self.latency_guard:
             problem = self._latency_problem(p, record, current.model, blob if blob is not None else candidate, ctx)
         if problem is None and check_deployable:
