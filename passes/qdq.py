@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from graphopt import validate
 from graphopt.graph import NameGenerator, STANDARD_DOMAINS, constant_value, default_opset
 
 # Integer types a quantized weight is stored in.
@@ -276,3 +277,10 @@ def ensure_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None
     """Declare `domain` (e.g. com.microsoft) in the model's opset imports if it is not there."""
     if not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def mean_cosine(reference: list[dict], outputs: list[dict]) -> float:
+    """The mean over outputs of each output's worst-feed cosine (1.0 when no output has one): how two
+    weight formats are compared."""
+    cosines = [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
+    return float(np.mean(cosines)) if cosines else 1.0

@@ -130,7 +130,7 @@ class QuantizeDynamic(Pass):
         models = [_quantized(base, sites, f) for f in options]
         if len(options) == 1 or not reference:
             return options[0], models[0], None
-        cosines = [_mean_cosine(reference, ctx.outputs(m)) for m in models]
+        cosines = [qdq.mean_cosine(reference, ctx.outputs(m)) for m in models]
         best = int(np.argmax(cosines))
         note = f"{options[best].bits}-bit weights chosen by measurement: output cosine {cosines[0]:.5f} with 8 bits, {cosines[1]:.5f} with 7 bits on the calibration feeds (worst feed, mean over outputs)"
         return options[best], models[best], note
@@ -150,11 +150,6 @@ def _quantized(base: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> onnx.
     candidate = copy_model(base)
     _apply(candidate, sites, fmt)
     return candidate
-
-
-def _mean_cosine(reference, outputs) -> float:
-    cosines = [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
-    return float(np.mean(cosines)) if cosines else 1.0
 
 
 def _worst_cosine(reference, outputs) -> float:

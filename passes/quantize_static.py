@@ -14,8 +14,8 @@ Rewrites (main graph only):
     so onnxruntime drops the pair and moves integers through them
 Every quantized tensor gets one Q -> DQ pair that all its readers share (a graph output keeps its name: the
 DQ writes it); a weight read by several quantized nodes is quantized once and has one DequantizeLinear.
-Weights are symmetric int8 (`per_channel`: one scale per output channel, else one per tensor), initializers
-or Constant nodes; activations asymmetric uint8 or int8 (`activations`); biases int32 with scale = input
+Weights are symmetric int8 (`per_channel`: one scale per output channel, else one per tensor) in 8 or 7
+bits (`weight_bits`; 0 decides by measurement, see the guards), initializers or Constant nodes; activations asymmetric uint8 or int8 (`activations`); biases int32 with scale = input
 scale x weight scale and zero point 0. Opsets below 13 are upgraded to 13 (per-axis DequantizeLinear).
 
 Calibration: one streamed pass over the calibration feeds (graphopt.calibrate) for every tensor that gets its
@@ -23,7 +23,10 @@ own scale; `method` picks the range: minmax (default), percentile, entropy or ms
 because it measured best: PP-OCRv4 rec with its 38 Convs quantized, softmax cosine vs fp32 on 8 held-out
 text lines was 0.925 (minmax), 0.894 (percentile 99.999), 0.884 (mse), 0.745 (entropy); clipping hurts here.
 
-Guards, on the calibration feeds (the pipeline then checks the held-out validation feeds and the latency):
+Guards, on the calibration feeds (the pipeline then checks the held-out validation feeds and the latency),
+with outputs run as the budget is judged (passes_base.BUDGET_SETTINGS: onnxruntime's integer kernels):
+  weight bits: `weight_bits=0` quantizes every node with 8- and with 7-bit weights and keeps the one closer
+    to the float outputs: on CPUs without VNNI onnxruntime's u8s8 kernels overflow int16 with 8-bit weights
   activation type: `activations=auto` builds uint8 and int8 models; the one onnxruntime fuses more of wins
     (on this AVX2 machine onnxruntime 1.32 fuses no int8-activation node with a non-zero zero point), a tie
     is timed (ctx.latency); the answer is cached in ctx.decisions["static-activation-type"] for the run
@@ -180,6 +183,7 @@ class QuantizeStatic(Pass):
     fallback: bool = True
     latency_fallback: bool = True
     ops: str = ""
+    weight_bits: int = 0  # 8, 7, or 0: whichever onnxruntime's fused kernels run more accurately here
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self._check_options()
@@ -199,10 +203,12 @@ class QuantizeStatic(Pass):
         drop_lopsided_concats(plan, ranges)
         if not plan.units:
             return PassResult(False, refused=["no node that onnxruntime fuses into an integer kernel can be quantized here" + _why(plan)], details=details)
-        shifts = weight_shifts(plan, plan.units, ctx.calibration[:SENSITIVITY_FEEDS], self.per_channel) if self.bias_correction else {}
-        builder = Builder(plan, ranges, self.per_channel, shifts)
-        dtype_name, note = self._activation_type(builder, ctx)
+        builders = {bits: self._builder(plan, ranges, bits, ctx) for bits in ((8, 7) if self.weight_bits == 0 else (self.weight_bits,))}
+        dtype_name, note = self._activation_type(builders[max(builders)], ctx)
         notes.append(note)
+        builder, note = self._weight_format(builders, ACTIVATION_TYPES[dtype_name], model, ctx)
+        if note:
+            notes.append(note)
         units, problem = self._choose(builder, ACTIVATION_TYPES[dtype_name], model, ctx)
         if problem:
             return PassResult(False, refused=[problem], details=details, notes=notes)
@@ -214,6 +220,7 @@ class QuantizeStatic(Pass):
             quantized=dict(Counter(u.op_type for u in units)),
             calibration={"method": self.method, "tensors": len(ranges), "ranges": {t: [float(lo), float(hi)] for t, (lo, hi) in shown}},
             activation_type=dtype_name,
+            weight_bits=builder.weight_bits,
             unfused_chains=[_chain_dict(c) for c in chains],
         )
         reasons = Counter(k["reason"] for k in plan.kept_float)
@@ -236,7 +243,27 @@ class QuantizeStatic(Pass):
             units = self._fused_only(builder, units, dtype)
         return units, (None if units else "every quantizable node was returned to float")
 
+    def _builder(self, plan: Plan, ranges: dict, bits: int, ctx: PassContext) -> Builder:
+        shifts = weight_shifts(plan, plan.units, ctx.calibration[:SENSITIVITY_FEEDS], self.per_channel, bits) if self.bias_correction else {}
+        return Builder(plan, ranges, self.per_channel, shifts, bits)
+
+    def _weight_format(self, builders: dict[int, Builder], dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[Builder, str | None]:
+        """8- or 7-bit weights: with both on offer, every unit is quantized each way and the one whose outputs
+        (run as the budget is judged, through onnxruntime's integer kernels) are closer to the float model's
+        wins. On CPUs without VNNI, onnxruntime's u8s8 kernels add pairs of products in int16, which
+        full-range weights overflow (255 * 127 * 2 > 32767): a single quantized MatMul gave output cosine
+        0.94-0.99 with 8 bits and 0.9999 with 7."""
+        if len(builders) == 1:
+            return next(iter(builders.values())), None
+        reference = ctx.outputs(original)
+        cosines = {bits: qdq.mean_cosine(reference, ctx.outputs(b.build(b.plan.units, dtype))) for bits, b in builders.items()}
+        best = max(cosines, key=lambda bits: (cosines[bits], bits))
+        shown = ", ".join(f"{c:.5f} with {bits} bits" for bits, c in cosines.items())
+        return builders[best], f"{best}-bit weights chosen by measurement: output cosine {shown} on the calibration feeds, every node quantized (worst feed, mean over outputs)"
+
     def _check_options(self) -> None:
+        if self.weight_bits not in (0, 7, 8):
+            raise PassError(f"quantize-static: weight_bits must be 7, 8 or 0 (choose by measurement), not {self.weight_bits}")
         if self.method not in calibrate.METHODS:
             raise PassError(f"quantize-static: method {self.method!r} is not one of {', '.join(calibrate.METHODS)}")
         if self.activations not in ("auto", *ACTIVATION_TYPES):
@@ -618,17 +645,18 @@ def fused_origin(name: str) -> str:
 class Builder:
     """Makes quantized models from a plan for any subset of its units and activation type."""
 
-    def __init__(self, plan: Plan, ranges: dict[str, tuple[float, float]], per_channel: bool, shifts: dict[str, np.ndarray]):
+    def __init__(self, plan: Plan, ranges: dict[str, tuple[float, float]], per_channel: bool, shifts: dict[str, np.ndarray], weight_bits: int = 8):
         self.plan = plan
         self.ranges = ranges
         self.per_channel = per_channel
         self.shifts = shifts
+        self.weight_bits = weight_bits
         self._weights: dict[tuple[str, int | None], qdq.QuantizedWeight] = {}
 
     def quantized_weight(self, unit: Unit) -> qdq.QuantizedWeight:
         key = (unit.weight, unit.axis)
         if key not in self._weights:
-            self._weights[key] = qdq.quantize_per_channel(self.plan.constants[unit.weight], unit.axis if self.per_channel else None)
+            self._weights[key] = qdq.quantize_per_channel(self.plan.constants[unit.weight], unit.axis if self.per_channel else None, self.weight_bits)
         return self._weights[key]
 
     def params(self, tensor: str, wanted: set[str], dtype) -> tuple[np.float32, np.integer]:
@@ -810,11 +838,11 @@ def sensitivities(builder: Builder, units: list[Unit], dtype, feeds: list[dict])
     return {name: err[name] / ref[name] if ref[name] > 0 else (0.0 if err[name] == 0 else float("inf")) for name in err}
 
 
-def weight_shifts(plan: Plan, units: list[Unit], feeds: list[dict], per_channel: bool) -> dict[str, np.ndarray]:
+def weight_shifts(plan: Plan, units: list[Unit], feeds: list[dict], per_channel: bool, weight_bits: int = 8) -> dict[str, np.ndarray]:
     """Per Conv/Gemm unit: the mean change of each output channel caused by quantizing its weight."""
     targets = [u for u in units if u.op_type in BIAS_CORRECTED]
     sums: dict[str, np.ndarray] = {}
-    for extra, values in _shadow_runs(Builder(plan, {}, per_channel, {}), targets, np.uint8, True, feeds):
+    for extra, values in _shadow_runs(Builder(plan, {}, per_channel, {}, weight_bits), targets, np.uint8, True, feeds):
         for name, (mean,) in extra.items():
             sums[name] = sums.get(name, 0.0) + values[mean].astype(np.float64)
     return {name: total / len(feeds) for name, total in sums.items()}

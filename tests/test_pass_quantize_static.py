@@ -8,9 +8,10 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from graphopt import profiling
+from graphopt import profiling, runtime
 from graphopt.activations import ActivationCache
 from graphopt.graph import copy_model
+from graphopt.passes import qdq
 from graphopt.passes.quantize_static import DECISION_KEY, QuantizeStatic, Unit, slower_units
 from graphopt.passes_base import PassContext, make_pass
 from graphopt.profiling import NodeTime
@@ -441,7 +442,7 @@ def test_auto_activation_type_reuses_the_cached_decision():
     ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=COSINE_ONLY, decisions={DECISION_KEY: "uint8"})
     ctx.latency = None  # would fail if called
     result = QuantizeStatic(activations="auto", latency_fallback=False).run(model, ctx)
-    assert result.details["activation_type"] == "uint8" and "measured earlier" in result.notes[-1]
+    assert result.details["activation_type"] == "uint8" and any("measured earlier" in note for note in result.notes)
 
 
 def test_auto_activation_type_is_measured_and_cached():
@@ -488,6 +489,45 @@ def test_bias_correction_shift_is_the_mean_change_per_channel(opset):
     expected = np.mean([(a["c"] - e["c"]).mean(axis=(0, 2, 3)) for a, e in zip(approx, exact)], axis=0)
     assert shifts["conv"].shape == (8,) and np.abs(expected).max() > 0
     np.testing.assert_allclose(shifts["conv"], expected, rtol=1e-3, atol=1e-6)
+
+
+LOOSE = Budget(min_cosine=0.5, min_top1=None)  # every node stays quantized, whatever its error
+
+
+def _matmul_model():
+    """x[2,3,16] -> MatMul(W[16,8]) -> y"""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    return make_model(nodes, [vi("x", [2, 3, 16])], [vi("y", [2, 3, 8])], [tensor("w", [16, 8])])
+
+
+@pytest.mark.parametrize("bits, qmax", [(8, 127), (7, 63)])
+def test_weight_bits_bound_the_integer_weights(bits, qmax):
+    after, result = quantize(_matmul_model(), budget=LOOSE, weight_bits=bits)
+    weight = init(after, producer(after, node(after, "MatMul").input[1]).input[0])
+    assert result.details["weight_bits"] == bits and np.abs(weight.astype(int)).max() == qmax
+
+
+def test_weight_bits_auto_keeps_the_more_faithful_as_onnxruntime_runs_it():
+    """weight_bits=0 quantizes everything with 8 and with 7 bits and keeps the one whose outputs at level
+    all (integer kernels) are closer to the float model's; the note gives both cosines."""
+    model = _matmul_model()
+    feeds = seeded_feeds(model, 8)
+    at_level_all = {}
+    for bits in (8, 7):
+        after, _ = quantize(model, feeds, budget=LOOSE, weight_bits=bits)
+        reference, got = (runtime.run_all(m, feeds, RuntimeSettings(level="all")) for m in (model, after))
+        at_level_all[bits] = qdq.mean_cosine(reference, got)
+    after, result = quantize(model, feeds, budget=LOOSE, weight_bits=0)
+    best = max(at_level_all, key=lambda b: (at_level_all[b], b))
+    assert result.details["weight_bits"] == best
+    assert any(n.startswith(f"{best}-bit weights chosen by measurement: output cosine") for n in result.notes)
+
+
+def test_bad_weight_bits_is_a_pass_error():
+    from graphopt.errors import PassError
+
+    with pytest.raises(PassError, match="weight_bits must be 7, 8 or 0"):
+        quantize(_matmul_model(), weight_bits=4)
 
 
 def test_bad_option_is_a_pass_error():
