@@ -153,14 +153,22 @@ class Pipeline:
 
     @staticmethod
     def _latency_problem(p: Pass, record: PassRecord, before: onnx.ModelProto, after, ctx: PassContext) -> str | None:
-        """Time the candidate against the pass's input; a reason to roll back, or None."""
-        timings = ctx.latency([("before", before), (f"after {p.name}", after)])
-        record.latency_ms = (timings[0].median_ms, timings[1].median_ms)
-        ratio = timings[1].ratio
+        """Time the candidate against the pass's input; a reason to roll back, or None. A change claiming
+        size that times slower is timed once more and undone only if slower again: such changes often run
+        the very graph they replaced (weights restored at load), and one interleaved timing on a busy machine
+        moves by a few percent (PP-OCRv4 rec: int8 weights rolled back at 1.041, losing a 0.27x file)."""
+        models = [("before", before), (f"after {p.name}", after)]
         limit = SPEED_RATIO if p.claims == "speed" else SIZE_RATIO
-        if ratio > limit:
+        timings = ctx.latency(models)
+        ratios = [timings[1].ratio]
+        if ratios[0] > limit and p.claims == "size":
+            timings = ctx.latency(models)
+            ratios.append(timings[1].ratio)
+        record.latency_ms = (timings[0].median_ms, timings[1].median_ms)
+        if ratios[-1] > limit:
             verdict = "not faster" if p.claims == "speed" else "slower"
-            return f"{verdict}: latency ratio {ratio:.3f} (median {timings[1].median_ms:.3f} ms vs {timings[0].median_ms:.3f} ms; must be <= {limit})"
+            shown = " and ".join(f"{r:.3f}" for r in ratios)
+            return f"{verdict}: latency ratio {shown} (median {timings[1].median_ms:.3f} ms vs {timings[0].median_ms:.3f} ms; must be <= {limit})"
         return None
 
     @staticmethod

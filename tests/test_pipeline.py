@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
+from graphopt.bench import Timing
 from graphopt.errors import PassError
 from graphopt.activations import ActivationCache
 from graphopt.passes_base import Pass, PassContext, PassResult
@@ -281,6 +282,30 @@ def test_latency_guard_keeps_a_claiming_pass_only_when_the_claim_holds(monkeypat
         assert record.status == "rolled back"
         assert ("not faster" if claims == "speed" else "slower") in record.reason
         assert "Identity" not in [n.op_type for n in optimized.graph.node]
+
+
+@pytest.mark.parametrize("claims, ratios, kept", [("size", [1.2, 1.0], True), ("size", [1.2, 1.1], False), ("speed", [1.2, 0.5], False)])
+def test_a_slower_size_change_is_timed_again_before_it_is_undone(claims, ratios, kept):
+    """claims=size: one slower timing is confirmed by a second; a speed claim gets one timing."""
+    p = FasterClaim()
+    p.claims = claims
+    model = relu_neg_model()
+    feeds = seeded_feeds(model, n=4, seed=3)
+    ctx = PassContext(feeds[:2], feeds[2:], ActivationCache(feeds[:2]))
+    calls = []
+
+    def latency(models):
+        calls.append([label for label, _ in models])
+        ratio = ratios[len(calls) - 1]
+        return [Timing("before", 0.0, [1.0]), Timing(models[1][0], 0.0, [ratio], ratio)]
+
+    ctx.latency = latency
+    _, report = Pipeline([p], fixed_point=False, strict=True).run(model, ctx)
+    record = report.records[0]
+    assert len(calls) == (2 if claims == "size" else 1)
+    assert record.status == ("applied" if kept else "rolled back")
+    if claims == "size" and not kept:
+        assert "latency ratio 1.200 and 1.100" in record.reason
 
 
 def test_held_out_validation_feeds_are_used_when_given():
