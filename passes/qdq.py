@@ -279,8 +279,23 @@ def ensure_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
+def output_cosines(reference: list[dict], outputs: list[dict]) -> list[float]:
+    """Each output's worst-feed cosine against the reference (outputs without one left out)."""
+    return [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
+
+
 def mean_cosine(reference: list[dict], outputs: list[dict]) -> float:
-    """The mean over outputs of each output's worst-feed cosine (1.0 when no output has one): how two
-    weight formats are compared."""
-    cosines = [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
+    """The mean of `output_cosines` (1.0 when there is none): how two weight formats are compared."""
+    cosines = output_cosines(reference, outputs)
     return float(np.mean(cosines)) if cosines else 1.0
+
+
+def fake_quantize_dynamic(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """x after DynamicQuantizeLinear and back: uint8 over [min(x, 0), max(x, 0)] (or the given range)."""
+    lo = min(float(x.min()) if lo is None else lo, 0.0)
+    hi = max(float(x.max()) if hi is None else hi, 0.0)
+    if hi == lo:
+        return x
+    scale = (hi - lo) / 255.0
+    zero = np.clip(np.rint(-lo / scale), 0, 255)
+    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)

@@ -44,7 +44,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import validate
 from graphopt.activations import intermediates
 from graphopt.graph import (
     STANDARD_DOMAINS,
@@ -152,11 +151,6 @@ def _quantized(base: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> onnx.
     return candidate
 
 
-def _worst_cosine(reference, outputs) -> float:
-    cosines = [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
-    return min(cosines, default=1.0)
-
-
 def _back_off(base, sites, fmt, reference, problem, ctx, kept_float):
     """Return the most sensitive sites to float until the budget holds on the calibration feeds.
     The count is found by doubling, then bisection (the error is taken as monotone in the count)."""
@@ -196,7 +190,7 @@ def _sensitivity(base, sites, ctx, fmt: _Format, reference) -> dict[_Site, float
     errors = _layer_errors(base, main, ctx.calibration, fmt)
     for s in sites:
         if s.graph != 0:
-            errors[s] = 1.0 - _worst_cosine(reference, ctx.outputs(_quantized(base, [s], fmt)))
+            errors[s] = 1.0 - min(qdq.output_cosines(reference, ctx.outputs(_quantized(base, [s], fmt))), default=1.0)
     return errors
 
 
@@ -216,21 +210,10 @@ def _layer_errors(model: onnx.ModelProto, sites: list[_Site], feeds, fmt: _Forma
             if x not in values:
                 continue
             exact = values[x] @ w
-            approx = fake_quantize_dynamic(values[x]) @ w_deq
+            approx = qdq.fake_quantize_dynamic(values[x]) @ w_deq
             squared[s][0] += float(np.sum((approx - exact) ** 2))
             squared[s][1] += float(np.sum(exact**2))
     return {s: (np.sqrt(err / ref) if ref > 0 else 0.0) for s, (err, ref) in squared.items()}
-
-
-def fake_quantize_dynamic(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """x after DynamicQuantizeLinear and back: uint8 over [min(x, 0), max(x, 0)] (or the given range)."""
-    lo = min(float(x.min()) if lo is None else lo, 0.0)
-    hi = max(float(x.max()) if hi is None else hi, 0.0)
-    if hi == lo:
-        return x
-    scale = (hi - lo) / 255.0
-    zero = np.clip(np.rint(-lo / scale), 0, 255)
-    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
 
 
 def _refusals(kept_float: list[dict]) -> list[str]:

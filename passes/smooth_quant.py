@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from graphopt.activations import intermediates
 from graphopt.graph import (
@@ -45,7 +45,6 @@ from graphopt.graph import (
     rename_node_reads,
 )
 from graphopt.passes import qdq
-from graphopt.passes.quantize_dynamic import fake_quantize_dynamic
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 SHAPE_ONLY = ("Shape", "Size")
@@ -182,7 +181,7 @@ def _errors(model: onnx.ModelProto, feeds, jobs) -> dict[str, list[float]]:
                 scaled = rows if s is None else rows / s.astype(np.float32)
                 lo, hi = float(scaled.min()), float(scaled.max())
                 xs = scaled[:: max(1, len(rows) // SAMPLE_ROWS)]
-                approx = fake_quantize_dynamic(xs, lo, hi) @ quantized_w[x][k]
+                approx = qdq.fake_quantize_dynamic(xs, lo, hi) @ quantized_w[x][k]
                 totals[x][k] += (float(np.sum((approx - exact) ** 2)), float(np.sum(exact**2)))
     return {x: [float(np.sqrt(e / r)) if r > 0 else 0.0 for e, r in t] for x, t in totals.items()}
 
@@ -287,10 +286,10 @@ def _rewrite(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGe
         if key not in scaled:
             w = qdq.weight(graph, node.input[1])
             new = (w * s[None, :] if trans else w * s[:, None]).astype(w.dtype)
-            scaled[key] = _add_initializer(graph, names, f"{node.input[1]}_smoothed", new)
+            scaled[key] = qdq.QdqBuilder(graph, names).initializer(f"{node.input[1]}_smoothed", new)
         node.input[1] = scaled[key]
     for node, k, value in updates:
-        node.input[k] = _add_initializer(graph, names, f"{node.input[k]}_smoothed", value)
+        node.input[k] = qdq.QdqBuilder(graph, names).initializer(f"{node.input[k]}_smoothed", value)
     if c.others:
         restores.append(_restore(graph, c, s, names))
     return replaced
@@ -309,7 +308,7 @@ def _divide(value: np.ndarray, s: np.ndarray, axis: int | None, channels: int) -
 def _restore(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGenerator) -> onnx.NodeProto:
     """Readers other than the MatMul/Gemm read x' * s (= x up to rounding) instead; returns that Mul."""
     dtype = qdq.weight(graph, c.linear[0].input[1]).dtype
-    scale = _add_initializer(graph, names, f"{c.activation}_smoothing_scale", s.astype(dtype))
+    scale = qdq.QdqBuilder(graph, names).initializer(f"{c.activation}_smoothing_scale", s.astype(dtype))
     restored = names(f"{c.activation}_unsmoothed")
     for node in c.others:
         rename_node_reads(node, {c.activation: restored})
@@ -327,9 +326,3 @@ def _insert_after_producers(graph: onnx.GraphProto, muls: list[onnx.NodeProto]) 
         nodes.extend(after[o] for o in node.output if o in after)
     del graph.node[:]
     graph.node.extend(nodes)
-
-
-def _add_initializer(graph: onnx.GraphProto, names: NameGenerator, hint: str, value: np.ndarray) -> str:
-    name = names(hint)
-    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-    return name

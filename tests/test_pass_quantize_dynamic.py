@@ -11,7 +11,8 @@ from onnx import helper, numpy_helper
 from graphopt import runtime
 from graphopt.activations import ActivationCache
 from graphopt.graph import constant_value, copy_model
-from graphopt.passes.quantize_dynamic import QuantizeDynamic, fake_quantize_dynamic
+from graphopt.passes.qdq import fake_quantize_dynamic
+from graphopt.passes.quantize_dynamic import QuantizeDynamic
 from graphopt.passes.qdq import quantize_per_channel
 from graphopt.passes_base import PassContext, PassError, make_pass
 from graphopt.validate import Budget
