@@ -4,7 +4,8 @@
 For each model (PP-OCRv4 rec, YOLOv8n, MiniLM; feeds and task budgets from benchmarks/quantize.py):
 
     calibration   graphopt.calibrate.collect over every float activation of the lossless model (the
-                  most quantize-static could ask for), all the calibration feeds
+                  most quantize-static could ask for), all the calibration feeds, keeping what the range
+                  method needs (--method; minmax, quantize-static's default, keeps no histograms)
     <preset>      graphopt.optimize(original, preset=..., data=the calibration feeds, the task budget)
 
 Memory is the growth of the resident set: peak RSS during the step (Linux VmHWM, reset through
@@ -15,7 +16,7 @@ copies of the model, activations and statistics are. "Bound" is 4 x (the model f
 feeds' bytes).
 
     python benchmarks/memory.py                              # all models, 64 feeds, int8 preset
-    python benchmarks/memory.py --models ppocr-rec --feeds 64 --preset int8 --threads 2
+    python benchmarks/memory.py --models ppocr-rec --feeds 64 --preset int8 --threads 2 --method entropy
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ def _inputs(name: str, feeds: int, preset: str):
     return original, calibration, FeedSet(calibration, labels, f"{feeds} calibration feeds"), budget
 
 
-def _calibration_step(name: str, feeds: int, preset: str, threads: int) -> tuple[float, float, float]:
+def _calibration_step(name: str, feeds: int, preset: str, threads: int, method: str) -> tuple[float, float, float]:
     original, calibration, data, _ = _inputs(name, feeds, preset)
     clean = graphopt.optimize(original, data=data, max_feeds=feeds, threads=threads).model
     del original
     with Growth() as step:
-        calibrate.collect(clean, calibration, main_graph_tensors(clean))
+        calibrate.collect(clean, calibration, main_graph_tensors(clean), bins=calibrate.bins_for(method))
     return step.before, step.growth, step.seconds
 
 
@@ -96,7 +97,7 @@ def _in_fresh_process(step, *args):
         return pool.apply(step, args)
 
 
-def measure(name: str, feeds: int, preset: str, threads: int) -> dict:
+def measure(name: str, feeds: int, preset: str, threads: int, method: str) -> dict:
     original, calibration, _, _ = _inputs(name, feeds, preset)
     model_bytes = len(serialized(original))
     data_bytes = sum(a.nbytes for feed in calibration for a in feed.values())
@@ -104,12 +105,12 @@ def measure(name: str, feeds: int, preset: str, threads: int) -> dict:
         int(np.prod(a.t.dims)) for n in original.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     )
     del original, calibration
-    before, cal_growth, cal_seconds = _in_fresh_process(_calibration_step, name, feeds, preset, threads)
+    before, cal_growth, cal_seconds = _in_fresh_process(_calibration_step, name, feeds, preset, threads, method)
     _, whole_growth, whole_seconds = _in_fresh_process(_preset_step, name, feeds, preset, threads)
     return {
         "model": name, "params (M)": params / 1e6, "model MB": model_bytes / MB, "data MB": data_bytes / MB,
         "bound MB": 4 * (model_bytes + data_bytes) / MB, "rss before MB": before / MB,
-        "calibration MB": cal_growth / MB, "calibration s": cal_seconds,
+        f"calibration ({method}) MB": cal_growth / MB, "calibration s": cal_seconds,
         f"{preset} MB": whole_growth / MB, f"{preset} s": whole_seconds,
     }
 
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feeds", type=int, default=64)
     parser.add_argument("--preset", default="int8")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--method", default="minmax", choices=calibrate.METHODS, help="range method the calibration step collects for")
     args = parser.parse_args(argv)
-    rows = [measure(name, args.feeds, args.preset, args.threads) for name in args.models]
+    rows = [measure(name, args.feeds, args.preset, args.threads, args.method) for name in args.models]
     print(table([tuple(rows[0])] + [tuple(f"{v:.1f}" if isinstance(v, float) else v for v in row.values()) for row in rows]))
     return 0
 

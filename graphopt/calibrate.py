@@ -42,12 +42,19 @@ ENTROPY_THRESHOLDS = 1024
 SMOOTHING = 1e-4
 
 
+def bins_for(method: str) -> int:
+    """The histogram size `method` needs: none for minmax."""
+    return 0 if method == "minmax" else BINS
+
+
 class TensorStats:
-    """Running min/max and a histogram of one tensor, merged feed by feed."""
+    """Running min/max and a histogram of one tensor, merged feed by feed. `bins=0` keeps no histogram:
+    enough for minmax, which is all a histogram costs time (a bincount per tensor per feed) and memory
+    (64 KiB per tensor at the default bins: 26 MB for PP-OCRv4 rec's 400 tensors) for nothing."""
 
     def __init__(self, bins: int = BINS):
-        if bins < 1 or bins & (bins - 1):
-            raise ValueError(f"bins must be a power of two (so that re-binning is exact), got {bins}")
+        if bins < 0 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two (so that re-binning is exact), or 0 for min/max only, got {bins}")
         self.bins = bins  # per side
         self.minimum = float("inf")
         self.maximum = float("-inf")
@@ -80,7 +87,7 @@ class TensorStats:
         self._widen(max(-lo, hi))
         zeros = x.size - np.count_nonzero(x)
         self.zeros += zeros
-        if self.limit == 0.0:
+        if self.limit == 0.0 or not self.bins:
             return
         y = x * (self.bins / self.limit)
         np.floor(y, out=y)
@@ -97,7 +104,7 @@ class TensorStats:
             return
         self._make_room(other.count)
         self._widen(other.limit)
-        theirs = _rebinned(other.counts, other.limit, self.limit) if other.limit else other.counts
+        theirs = _rebinned(other.counts, other.limit, self.limit) if other.limit and self.bins else other.counts
         self.counts += theirs
         self.minimum, self.maximum = min(self.minimum, other.minimum), max(self.maximum, other.maximum)
         self.count += other.count
@@ -112,7 +119,7 @@ class TensorStats:
         if amax <= self.limit or amax == 0.0:
             return
         limit = float(np.ldexp(1.0, np.frexp(amax)[1]))  # the smallest power of two > amax
-        if self.limit:
+        if self.limit and self.bins:
             self.counts = _rebinned(self.counts, self.limit, limit)
         self.limit = limit
 
@@ -125,6 +132,8 @@ class TensorStats:
         lo, hi = min(self.minimum, 0.0), max(self.maximum, 0.0)
         if method == "minmax" or self.count == self.zeros:
             window = (lo, hi)
+        elif not self.bins:
+            raise ValueError(f"range method {method!r} needs a histogram; these statistics were collected with bins=0 (min/max only)")
         elif method == "percentile":
             window = self._percentile_window(percentile, symmetric)
         else:
@@ -273,7 +282,8 @@ def _squared_errors(hist: np.ndarray, start: np.ndarray, stop: np.ndarray, origi
 
 def collect(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str], settings: RuntimeSettings = RuntimeSettings(), bins: int = BINS) -> dict[str, TensorStats]:
     """Statistics of main-graph tensors `names` over `feeds`, streamed through
-    `graphopt.activations.intermediates` one feed at a time; only the histograms are kept (`bins` per sign).
+    `graphopt.activations.intermediates` one feed at a time; only the histograms are kept (`bins` per sign;
+    0 for min/max only, see `bins_for`).
     Tensors whose values are not floating point (integers, bools, sequences) get no entry."""
     stats: dict[str, TensorStats] = {}
     skipped: set[str] = set()

@@ -197,7 +197,7 @@ class QuantizeStatic(Pass):
         subgraph_nodes = sum(len(g.node) for g in iter_graphs(work.graph)) - len(work.graph.node)
         details: dict = {"subgraphs": f"{subgraph_nodes} nodes inside If/Loop/Scan bodies left float"} if subgraph_nodes else {}
         details["kept_float"] = plan.kept_float
-        stats = calibrate.collect(work, ctx.calibration, calibrated_tensors(plan, plan.units))
+        stats = calibrate.collect(work, ctx.calibration, calibrated_tensors(plan, plan.units), bins=calibrate.bins_for(self.method))
         drop_non_float(plan, stats)
         ranges = {t: s.range(self.method, percentile=self.percentile) for t, s in stats.items()}
         drop_lopsided_concats(plan, ranges)

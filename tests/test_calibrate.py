@@ -7,6 +7,7 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
+from graphopt import calibrate
 from graphopt.calibrate import METHODS, TensorStats, collect
 from tests.helpers import make_model, seeded_feeds
 
@@ -173,3 +174,27 @@ def test_collect_streams_intermediate_tensor_ranges():
     merged = TensorStats()
     merged.update(zs)
     np.testing.assert_array_equal(stats["z"].counts, merged.counts)
+
+
+def test_min_max_only_stats_keep_no_histogram_and_agree_with_full_ones():
+    """bins=0 (what minmax needs): the same minmax range and counts as with a histogram, across batches
+    that widen the range and a merge, and no histogram memory."""
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(size=500).astype(np.float32), 40 * rng.normal(size=300).astype(np.float32), np.zeros(7, np.float32)]
+    full, bare = TensorStats(64), TensorStats(calibrate.bins_for("minmax"))
+    for b in batches[:2]:
+        full.update(b)
+        bare.update(b)
+    other_full, other_bare = stats_of(batches[2], bins=64), stats_of(batches[2], bins=0)
+    full.merge(other_full)
+    bare.merge(other_bare)
+    assert bare.range("minmax") == full.range("minmax")
+    assert (bare.count, bare.zeros, bare.limit) == (full.count, full.zeros, full.limit)
+    assert bare.counts.size == 0
+    assert calibrate.bins_for("entropy") == calibrate.BINS
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_methods_refuse_min_max_only_stats(method):
+    with pytest.raises(ValueError, match=f"{method}.*needs a histogram.*bins=0"):
+        stats_of([1.0, -3.0, 2.0], bins=0).range(method)
