@@ -123,7 +123,7 @@ def test_default_limit_and_a_tiny_one_give_the_same_values(max_bytes):
     model, names = _chain()
     feeds = seeded_feeds(model, n=2, dims={"N": 2})
     by_name: dict[str, list[np.ndarray]] = {}
-    runs = list(intermediates(model, feeds, names, max_bytes=max_bytes))
+    runs = [dict(values) for values in intermediates(model, feeds, names, max_bytes=max_bytes)]
     for values in runs:
         for name, value in values.items():
             by_name.setdefault(name, []).append(value)
@@ -132,3 +132,16 @@ def test_default_limit_and_a_tiny_one_give_the_same_values(max_bytes):
     for k, feed in enumerate(feeds):
         for name, value in _expected(feed, names).items():
             np.testing.assert_allclose(by_name[name][k], value, rtol=1e-6)
+
+
+def test_each_dict_is_emptied_when_the_next_is_asked_for():
+    """So that a caller's loop variable does not keep one run's values alive through the next run; the
+    arrays themselves stay valid for whoever kept them."""
+    model, names = _chain()
+    feeds = seeded_feeds(model, n=2, dims={"N": 2})
+    runs = intermediates(model, feeds, names)
+    first = next(runs)
+    kept = dict(first)
+    second = next(runs)
+    assert first == {} and set(kept) == set(second) == set(names)
+    assert all(isinstance(v, np.ndarray) and v.size for v in kept.values())
