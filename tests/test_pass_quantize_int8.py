@@ -53,6 +53,22 @@ class BreakOutput(Pass):
         return PassResult(True)
 
 
+@register
+@dataclass
+class RecordBar(Pass):
+    """Stub candidate with a `max_latency_ratio` option: records what it was given, changes nothing."""
+
+    name = "test-record-bar"
+    description = "test"
+    lossless = False
+    max_latency_ratio: float = 1.0
+    seen = []  # class-level: the test reads it back
+
+    def run(self, model, ctx):
+        RecordBar.seen.append(self.max_latency_ratio)
+        return PassResult(False, refused=["recorded"])
+
+
 def context(timer):
     feeds = seeded_feeds(relu_model(), n=4, seed=5)
     return PassContext(feeds[:2], feeds[2:], ActivationCache(feeds[:2]), bench_rounds=4, timer=timer)
@@ -88,3 +104,14 @@ def test_already_quantized_model_is_refused():
     )
     result = QuantizeInt8().run(model, context(lambda: 0.0))
     assert not result.changed and result.refused == ["the model is already quantized"]
+
+
+def test_later_candidate_with_max_latency_ratio_gets_the_best_ratio_so_far(monkeypatch):
+    """test-append-identity times at 0.5x the input; the next candidate, which takes max_latency_ratio,
+    is made with 0.5 (a candidate without that option, the first one, gets none)."""
+    timer = stub_latency(monkeypatch, 0.5, lambda label: label == "test-append-identity")
+    RecordBar.seen.clear()
+    result = QuantizeInt8(candidates="test-record-bar,test-append-identity,test-record-bar").run(relu_model(), context(timer))
+    assert RecordBar.seen == [1.0, pytest.approx(0.5)]
+    assert result.changed and result.details["chosen"] == "test-append-identity"
+    assert result.refused == ["test-record-bar: changed nothing (recorded)"] * 2

@@ -9,9 +9,11 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from graphopt import profiling, runtime
+from graphopt.bench import Timing
+from graphopt.errors import PassError
 from graphopt.activations import ActivationCache
 from graphopt.graph import copy_model
-from graphopt.passes import qdq
+from graphopt.passes import qdq, quantize_static
 from graphopt.passes.quantize_static import DECISION_KEY, QuantizeStatic, Unit, slower_units
 from graphopt.passes_base import PassContext, make_pass
 from graphopt.profiling import NodeTime
@@ -470,7 +472,6 @@ def test_bias_correction_changes_the_bias():
 def test_bias_correction_shift_is_the_mean_change_per_channel(opset):
     """weight_shifts: per output channel, the mean over batch and pixels of conv(x, dequantized W) -
     conv(x, W), reduced inside the graph (only a vector per Conv leaves onnxruntime)."""
-    from graphopt.passes import qdq
     from graphopt.passes.quantize_static import make_plan, weight_shifts
 
     model = conv_relu_model()
@@ -524,14 +525,12 @@ def test_weight_bits_auto_keeps_the_more_faithful_as_onnxruntime_runs_it():
 
 
 def test_bad_weight_bits_is_a_pass_error():
-    from graphopt.errors import PassError
 
     with pytest.raises(PassError, match="weight_bits must be 7, 8 or 0"):
         quantize(_matmul_model(), weight_bits=4)
 
 
 def test_bad_option_is_a_pass_error():
-    from graphopt.errors import PassError
 
     with pytest.raises(PassError, match="method 'kl'"):
         quantize(conv_relu_model(), method="kl")
@@ -570,15 +569,66 @@ def test_slower_units_splits_a_shared_charge():
 
 
 def test_latency_fallback_runs_on_a_real_profile():
-    """latency_fallback=True profiles both models; whatever it decides, kept-float entries say 'slower'."""
+    """latency_fallback=True profiles both models and times what it kept; whatever it decides, kept-float
+    entries say 'slower', and a refusal says why."""
     before = residual_model()
     after, result = quantize(before, latency_fallback=True)
     kept = result.details["kept_float"]
     assert all(k["reason"] == "slower" and "ms quantized vs" in k["detail"] for k in kept)
     if result.changed:
         assert result.counts.get("kept_float_slower", 0) == len(kept) and result.counts["nodes_quantized"] + len(kept) == 3
-    else:
+    elif len(kept) == 3:
         assert result.refused == ["every quantizable node was returned to float"]
+    else:
+        [reason] = result.refused
+        assert reason.startswith(f"not faster than the float model even with every node the latency guard kept quantized ({3 - len(kept)} nodes): latency ratio ")
+
+
+def stubbed_latency(ratio, calls):
+    """A ctx.latency that records the labels it was asked to time and reports `ratio` for the second model."""
+
+    def latency(models):
+        calls.append([label for label, _ in models])
+        return [Timing(models[0][0], 0.0, [10.0]), Timing(models[1][0], 0.0, [10.0 * ratio], ratio)]
+
+    return latency
+
+
+def quantize_timed(model, feeds, ratio, monkeypatch, **options):
+    """quantize-static with the latency guard on, its per-node verdict 'nothing slower' and ctx.latency
+    stubbed to `ratio`: (result, the labels each latency call timed)."""
+    monkeypatch.setattr(quantize_static, "slower_units", lambda *args: {})
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=COSINE_ONLY)
+    calls: list = []
+    ctx.latency = stubbed_latency(ratio, calls)
+    return QuantizeStatic(activations="uint8", latency_fallback=True, **options).run(copy_model(model), ctx), calls
+
+
+def test_not_faster_even_fully_quantized_is_refused_before_the_accuracy_bisection(monkeypatch):
+    """The outlier model breaks the budget fully quantized, but it times at 1.2x the float model: the pass
+    refuses with that ratio and never ranks nodes for accuracy (no "sensitive" entry)."""
+    before = outlier_model()
+    result, calls = quantize_timed(before, outlier_feeds(before, 8, 0), 1.2, monkeypatch)
+    assert not result.changed and calls == [["float", "quantized"]]
+    assert len(result.refused) == 1 and "not faster than the float model" in result.refused[0] and "latency ratio 1.200" in result.refused[0]
+    assert not [k for k in result.details["kept_float"] if k["reason"] == "sensitive"]
+
+
+def test_max_latency_ratio_is_the_bar_to_beat(monkeypatch):
+    """Timed at 0.5x the float model, but asked to beat 0.4x (what another candidate reached): refused."""
+    before = outlier_model()
+    result, _ = quantize_timed(before, outlier_feeds(before, 8, 0), 0.5, monkeypatch, max_latency_ratio=0.4)
+    assert not result.changed and "not faster than 0.400x the float model (max_latency_ratio)" in result.refused[0]
+    with pytest.raises(PassError, match="max_latency_ratio must be positive"):
+        quantize(before, max_latency_ratio=0.0)
+
+
+def test_faster_fully_quantized_goes_on_to_the_accuracy_guard(monkeypatch):
+    """The same model timed at 0.5x: the accuracy guard returns the outlier MatMul to float as before."""
+    before = outlier_model()
+    result, calls = quantize_timed(before, outlier_feeds(before, 8, 0), 0.5, monkeypatch)
+    assert result.changed and result.details["quantized"] == {"Conv": 1} and calls == [["float", "quantized"]]
+    assert [(k["node"], k["reason"]) for k in result.details["kept_float"]] == [("mm", "sensitive")]
 
 
 def test_add_of_a_mask_fill_constant_stays_float():
