@@ -25,8 +25,9 @@ text lines was 0.925 (minmax), 0.894 (percentile 99.999), 0.884 (mse), 0.745 (en
 
 Guards, on the calibration feeds (the pipeline then checks the held-out validation feeds and the latency),
 with outputs run as the budget is judged (passes_base.BUDGET_SETTINGS: onnxruntime's integer kernels):
-  weight bits: `weight_bits=0` quantizes every node with 8- and with 7-bit weights and keeps the one closer
-    to the float outputs: on CPUs without VNNI onnxruntime's u8s8 kernels overflow int16 with 8-bit weights
+  weight bits: `weight_bits=0` quantizes the nodes the fusion and latency guards kept with 8- and with 7-bit
+    weights and keeps the one closer to the float outputs (before the accuracy guard): on CPUs without VNNI
+    onnxruntime's u8s8 kernels overflow int16 with 8-bit weights
   activation type: `activations=auto` builds uint8 and int8 models; the one onnxruntime fuses more of wins
     (on this AVX2 machine onnxruntime 1.32 fuses no int8-activation node with a non-zero zero point), a tie
     is timed (ctx.latency); the answer is cached in ctx.decisions["static-activation-type"] for the run
@@ -208,16 +209,22 @@ class QuantizeStatic(Pass):
         drop_lopsided_concats(plan, ranges)
         if not plan.units:
             return PassResult(False, refused=["no node that onnxruntime fuses into an integer kernel can be quantized here" + _why(plan)], details=details)
-        builders = {bits: self._builder(plan, ranges, bits, ctx) for bits in ((8, 7) if self.weight_bits == 0 else (self.weight_bits,))}
-        dtype_name, note = self._activation_type(builders[max(builders)], ctx)
+        bit_widths = (8, 7) if self.weight_bits == 0 else (self.weight_bits,)
+        first = self._builder(plan, ranges, bit_widths[0], ctx)
+        dtype_name, note = self._activation_type(first, ctx)
         notes.append(note)
-        builder, note = self._weight_format(builders, ACTIVATION_TYPES[dtype_name], model, ctx)
-        if note:
-            notes.append(note)
-        units, problem = self._choose(builder, ACTIVATION_TYPES[dtype_name], model, ctx)
+        dtype = ACTIVATION_TYPES[dtype_name]
+        units, problem = self._fast_units(first, dtype, model, ctx)
         if problem:
             return PassResult(False, refused=[problem], details=details, notes=notes)
-        result = builder.build(units, ACTIVATION_TYPES[dtype_name])
+        builders = {bits: first if bits == bit_widths[0] else self._builder(plan, ranges, bits, ctx) for bits in bit_widths}
+        builder, note = self._weight_format(builders, units, dtype, model, ctx)
+        if note:
+            notes.append(note)
+        units, problem = self._accurate_units(builder, units, dtype, model, ctx)
+        if problem:
+            return PassResult(False, refused=[problem], details=details, notes=notes)
+        result = builder.build(units, dtype)
         chains = profiling.unfused_chains(profiling.optimized_graph(result, RuntimeSettings(level="all", threads=ctx.threads)))
         model.CopyFrom(result)
         shown = list(ranges.items())[:RANGES_SHOWN]
@@ -233,26 +240,31 @@ class QuantizeStatic(Pass):
         counts.update({f"kept_float_{reason.replace(' ', '_')}": n for reason, n in reasons.items()})
         return PassResult(True, counts=counts, details=details, notes=notes)
 
-    def _choose(self, builder: Builder, dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[list[Unit], str | None]:
-        """The nodes to quantize after the fusion, latency and accuracy guards, or why none.
+    def _fast_units(self, builder: Builder, dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[list[Unit], str | None]:
+        """The units onnxruntime fuses and, with `latency_fallback`, runs faster quantized; or why none.
 
-        Latency comes first, so that the accuracy bisection only weighs nodes worth quantizing, and the
-        model with all of those quantized is timed against the float one: the accuracy guard only returns
-        nodes to float, which takes integer kernels away, so when that model is not faster no subset the
-        bisection could find is either, and the pass refuses without it (MiniLM: the bisection took 30 s
-        of the 102 s int8 preset for a static model at 1.005x of fp32). The latency guard runs again when
-        the accuracy guard returned nodes: a node whose neighbours went float now pays for its own Q/DQ."""
+        Latency comes before accuracy (and before the weight format, which does not change the kernels),
+        so that the accuracy bisection only weighs nodes worth quantizing, and the model with all of these
+        quantized is timed against the float one: the accuracy guard only returns nodes to float, which
+        takes integer kernels away, so when that model does not beat `max_latency_ratio` no subset the
+        bisection could find does either, and the pass refuses without it (MiniLM: the bisection took 27 s
+        of the 108 s int8 preset for a static model slower than the dynamic one)."""
         units = self._fused_only(builder, list(builder.plan.units), dtype)
         if self.latency_fallback:
             units = self._settled(builder, self._faster_only(builder, units, dtype, ctx), dtype)
             if units and (slow := self._not_faster(builder, units, dtype, original, ctx)):
                 return [], slow
-        if self.fallback and units:
+        return units, (None if units else "every quantizable node was returned to float")
+
+    def _accurate_units(self, builder: Builder, units: list[Unit], dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[list[Unit], str | None]:
+        """`units` after the accuracy guard, or why none. The latency guard runs again when that returned
+        nodes: a node whose neighbours went float now pays for its own QuantizeLinear/DequantizeLinear."""
+        if self.fallback:
             before = len(units)
             units, problem = self._within_budget(builder, units, dtype, original, ctx)
             if problem:
                 return [], problem
-            if self.latency_fallback and len(units) != before and units:
+            if self.latency_fallback and units and len(units) != before:
                 units = self._faster_only(builder, units, dtype, ctx)
         units = self._settled(builder, units, dtype)
         return units, (None if units else "every quantizable node was returned to float")
@@ -279,8 +291,8 @@ class QuantizeStatic(Pass):
         shifts = weight_shifts(plan, plan.units, ctx.calibration[:SENSITIVITY_FEEDS], self.per_channel, bits) if self.bias_correction else {}
         return Builder(plan, ranges, self.per_channel, shifts, bits)
 
-    def _weight_format(self, builders: dict[int, Builder], dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[Builder, str | None]:
-        """8- or 7-bit weights: with both on offer, every unit is quantized each way and the one whose outputs
+    def _weight_format(self, builders: dict[int, Builder], units: list[Unit], dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[Builder, str | None]:
+        """8- or 7-bit weights: with both on offer, `units` are quantized each way and the one whose outputs
         (run as the budget is judged, through onnxruntime's integer kernels) are closer to the float model's
         wins. On CPUs without VNNI, onnxruntime's u8s8 kernels add pairs of products in int16, which
         full-range weights overflow (255 * 127 * 2 > 32767): a single quantized MatMul gave output cosine
@@ -288,10 +300,10 @@ class QuantizeStatic(Pass):
         if len(builders) == 1:
             return next(iter(builders.values())), None
         reference = ctx.outputs(original)
-        cosines = {bits: qdq.mean_cosine(reference, ctx.outputs(b.build(b.plan.units, dtype))) for bits, b in builders.items()}
+        cosines = {bits: qdq.mean_cosine(reference, ctx.outputs(b.build(units, dtype))) for bits, b in builders.items()}
         best = max(cosines, key=lambda bits: (cosines[bits], bits))
         shown = ", ".join(f"{c:.5f} with {bits} bits" for bits, c in cosines.items())
-        return builders[best], f"{best}-bit weights chosen by measurement: output cosine {shown} on the calibration feeds, every node quantized (worst feed, mean over outputs)"
+        return builders[best], f"{best}-bit weights chosen by measurement: output cosine {shown} on the calibration feeds, {len(units)} nodes quantized (worst feed, mean over outputs)"
 
     def _check_options(self) -> None:
         if not self.max_latency_ratio > 0:
