@@ -147,6 +147,24 @@ def optimized_graph(model: onnx.ModelProto, settings: RuntimeSettings) -> onnx.M
         return onnx.load_model(path, load_external_data=True)
 
 
+def same_kernels(a: onnx.ModelProto, b: onnx.ModelProto, settings: RuntimeSettings) -> bool:
+    """Whether onnxruntime runs the same graph for `a` and `b` at `settings`: their optimized graphs have
+    the same nodes in the same order (op type, domain, attributes, number of inputs and outputs) and
+    initializers of the same types and shapes; names and weight values may differ. Then their latency
+    cannot differ beyond noise (e.g. weights stored int8 and restored to float when the model loads)."""
+    return _kernel_signature(optimized_graph(a, settings)) == _kernel_signature(optimized_graph(b, settings))
+
+
+def _kernel_signature(optimized: onnx.ModelProto) -> tuple:
+    graph = optimized.graph
+    nodes = tuple(
+        (n.op_type, n.domain, len(n.input), len(n.output), tuple(sorted(a.SerializeToString() for a in n.attribute if a.type != onnx.AttributeProto.GRAPH)))
+        for n in graph.node
+    )
+    weights = sorted((t.data_type, tuple(t.dims)) for t in graph.initializer)
+    return nodes, tuple(weights)
+
+
 def unfused_chains(optimized: onnx.ModelProto) -> list[UnfusedChain]:
     """DequantizeLinear -> float op -> QuantizeLinear groups onnxruntime left in float (main graph).
 

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from graphopt.profiling import NodeTime, UnfusedChain, fused_op_counts, node_times, optimized_graph, unfused_chains
+from graphopt.profiling import NodeTime, UnfusedChain, fused_op_counts, node_times, optimized_graph, same_kernels, unfused_chains
 from graphopt.runtime import RuntimeSettings
 from tests.helpers import make_model, seeded_feeds
 
@@ -143,3 +143,31 @@ def test_kernel_times_skip_the_warm_up_run_and_average_per_run():
 
     events = run(0, 5000, 5000) + run(1000, 10, 30) + run(2000, 20, 50)
     assert _mean_kernel_times(events, runs=2) == [NodeTime("cos", "Cos", 0.04), NodeTime("sin", "Sin", 0.015)]
+
+
+def conv_then(weight, op="Identity", folded=False):
+    """x -> Conv(w) -> op -> y; `folded`: w stored as int8 times a scale (Cast, Mul), which onnxruntime
+    folds back into a float weight at load."""
+    inits, w_name, nodes = [], "w", []
+    if folded:
+        scale = np.abs(weight).max() / 127
+        inits += [numpy_helper.from_array(np.round(weight / scale).astype(np.int8), "w_q"), scalar("w_scale", scale, np.float32)]
+        nodes += [helper.make_node("Cast", ["w_q"], ["w_f"], to=TP.FLOAT), helper.make_node("Mul", ["w_f", "w_scale"], ["w"])]
+    else:
+        inits.append(numpy_helper.from_array(weight, w_name))
+    nodes += [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node(op, ["c"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TP.FLOAT, [1, 2, 4, 4])], [helper.make_tensor_value_info("y", TP.FLOAT, [1, weight.shape[0], 4, 4])], inits)
+
+
+def test_same_kernels_ignores_weight_values_storage_and_removed_nodes():
+    w = RNG.standard_normal((3, 2, 1, 1)).astype(np.float32)
+    assert same_kernels(conv_then(w), conv_then(w * 0.5), ALL)
+    assert same_kernels(conv_then(w), conv_then(w, folded=True), ALL)
+    assert same_kernels(conv_then(w, "Neg"), conv_then(w, "Neg", folded=True), ALL)
+
+
+def test_same_kernels_tells_another_kernel_or_weight_shape():
+    w = RNG.standard_normal((3, 2, 1, 1)).astype(np.float32)
+    assert not same_kernels(conv_then(w), conv_then(w, "Neg"), ALL)
+    assert not same_kernels(conv_then(w), conv_then(RNG.standard_normal((4, 2, 1, 1)).astype(np.float32)), ALL)
+    assert not same_kernels(conv_then(w), conv_then(w, folded=True), RuntimeSettings(level="disable_all"))  # nothing folded
