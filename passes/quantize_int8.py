@@ -78,10 +78,11 @@ class QuantizeInt8(Pass):
 
 
 def _bar(name: str, ratios: dict[str, float]) -> dict[str, str] | None:
-    """The `max_latency_ratio` option for candidate `name`: the best ratio so far, when it takes one."""
+    """The `max_latency_ratio` option for candidate `name`, when it takes one: the best ratio so far, and
+    never above 1 (a candidate slower than the input is no bar)."""
     cls = registry().get(name)
     takes_it = dataclasses.is_dataclass(cls) and any(f.name == "max_latency_ratio" for f in dataclasses.fields(cls))
-    return {"max_latency_ratio": repr(min(ratios.values()))} if ratios and takes_it else None
+    return {"max_latency_ratio": repr(min(1.0, *ratios.values()))} if ratios and takes_it else None
 
 
 def _show(ratios: dict[str, float]) -> str:

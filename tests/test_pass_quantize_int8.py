@@ -115,3 +115,12 @@ def test_later_candidate_with_max_latency_ratio_gets_the_best_ratio_so_far(monke
     assert RecordBar.seen == [1.0, pytest.approx(0.5)]
     assert result.changed and result.details["chosen"] == "test-append-identity"
     assert result.refused == ["test-record-bar: changed nothing (recorded)"] * 2
+
+
+def test_a_candidate_slower_than_the_input_sets_no_bar_above_one(monkeypatch):
+    """test-append-identity times at 1.5x the input: the next candidate is asked to beat 1.0, not 1.5."""
+    timer = stub_latency(monkeypatch, 1.5, lambda label: label == "test-append-identity")
+    RecordBar.seen.clear()
+    result = QuantizeInt8(candidates="test-append-identity,test-record-bar").run(relu_model(), context(timer))
+    assert RecordBar.seen == [1.0]
+    assert not result.changed and "no candidate was faster" in result.refused[-1]
