@@ -193,9 +193,10 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
 
 def drop_unread(graph: onnx.GraphProto, names: Iterable[str]) -> None:
     """Remove those of `names` that are initializers or Constant-node outputs and that no node (subgraphs
-    included) and no graph output reads any more: the leftovers of a rewrite that replaced them."""
-    readers, outputs = consumers(graph), output_names(graph)
-    unread = {n for n in names if not readers.get(n) and n not in outputs}
+    included) and no graph output reads any more: the leftovers of a rewrite that replaced them. An
+    initializer that is a graph input's default stays: it is part of the model's interface."""
+    readers, kept_names = consumers(graph), output_names(graph) | {i.name for i in graph.input}
+    unread = {n for n in names if not readers.get(n) and n not in kept_names}
     kept = [t for t in graph.initializer if t.name not in unread]
     if len(kept) != len(graph.initializer):
         del graph.initializer[:]

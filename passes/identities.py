@@ -82,7 +82,6 @@ def _constant(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, what: st
     return f"{what} input {node.input[index]} is not a constant initializer" if value is None else value
 
 
-
 def identity(node, graph, facts) -> Verdict:
     return True
 

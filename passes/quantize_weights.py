@@ -298,7 +298,6 @@ def _reduction_axis(node: onnx.NodeProto, transpose: onnx.NodeProto | None) -> i
     return 1 - axis if transpose is not None else axis
 
 
-
 def _label(node: onnx.NodeProto) -> str:
     return f"{node.op_type} {node.name!r}" if node.name else node.op_type
 

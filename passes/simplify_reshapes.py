@@ -243,7 +243,6 @@ def axes_of(node: onnx.NodeProto, graph: onnx.GraphProto, opset: int) -> list[in
     return f"axes input {node.input[1]} is not a constant initializer" if value is None else value.reshape(-1).tolist()
 
 
-
 def _at(node: onnx.NodeProto, reason: str) -> str:
     """A reason located at the node that gives it."""
     return f"{node.op_type} {node.name or node.output[0]}: {reason}"

@@ -214,7 +214,6 @@ def _input_rows(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
     return w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
 
 
-
 def _divisions(graph: onnx.GraphProto, x: str, made_by, readers) -> list[_Division]:
     """The constants to divide by s so that the node producing `x` outputs x / s."""
     node = made_by.get(x)
@@ -279,6 +278,7 @@ def _rewrite(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGe
         value = qdq.weight(graph, d.node.input[d.input_index])
         updates.append((d.node, d.input_index, _divide(value, s, d.axis, channels)))
     replaced = {d.node.input[d.input_index] for d in c.divisions} | {n.input[1] for n in c.linear}
+    builder = qdq.QdqBuilder(graph, names)
     scaled: dict[tuple[str, bool], str] = {}
     for node in c.linear:
         trans = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
@@ -286,10 +286,10 @@ def _rewrite(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGe
         if key not in scaled:
             w = qdq.weight(graph, node.input[1])
             new = (w * s[None, :] if trans else w * s[:, None]).astype(w.dtype)
-            scaled[key] = qdq.QdqBuilder(graph, names).initializer(f"{node.input[1]}_smoothed", new)
+            scaled[key] = builder.initializer(f"{node.input[1]}_smoothed", new)
         node.input[1] = scaled[key]
     for node, k, value in updates:
-        node.input[k] = qdq.QdqBuilder(graph, names).initializer(f"{node.input[k]}_smoothed", value)
+        node.input[k] = builder.initializer(f"{node.input[k]}_smoothed", value)
     if c.others:
         restores.append(_restore(graph, c, s, names))
     return replaced

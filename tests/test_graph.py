@@ -23,3 +23,12 @@ def test_drop_unread_removes_only_unread_initializers_and_constants():
     drop_unread(model.graph, ["w_used", "w_unread", "c_unread", "w_out"])
     assert [t.name for t in model.graph.initializer] == ["w_used", "w_out"]
     assert [n.op_type for n in model.graph.node] == ["Add"]
+
+
+def test_drop_unread_keeps_a_graph_input_default():
+    """w is a graph input with an initializer as its default: read by nothing, it still stays."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "w", "y")]
+    model = make_model(nodes, vi[:2], vi[2:], [numpy_helper.from_array(np.ones(2, np.float32), "w")])
+    drop_unread(model.graph, ["w"])
+    assert [t.name for t in model.graph.initializer] == ["w"]
