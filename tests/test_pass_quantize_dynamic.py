@@ -274,3 +274,101 @@ def test_matmul_inside_if_branch():
     body = next(a.g for a in after.graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in body.node] == QUANTIZED_OPS
     assert_close(model, after, feeds)
+
+
+def lstm_model(hidden=32, inputs=24, directions=1, steps=6, **attributes):
+    """x[T, 2, I] (with initial_h) -> LSTM(W, R, B) -> y [T, D, 2, H], y_h [D, 2, H]; weights ~ N(0, 0.3).
+    With layout=1 the batch comes first in x, h0, y and y_h."""
+    direction = "bidirectional" if directions == 2 else "forward"
+    shapes = {"w": [directions, 4 * hidden, inputs], "r": [directions, 4 * hidden, hidden], "b": [directions, 8 * hidden]}
+    inits = [numpy_helper.from_array((0.3 * RNG.standard_normal(s)).astype(np.float32), n) for n, s in shapes.items()]
+    node = helper.make_node("LSTM", ["x", "w", "r", "b", "", "h0"], ["y", "y_h"], name="lstm", hidden_size=hidden, direction=direction, **attributes)
+    if attributes.get("layout"):
+        ins = [vi("x", [2, steps, inputs]), vi("h0", [2, directions, hidden])]
+        outs = [vi("y", [2, steps, directions, hidden]), vi("y_h", [2, directions, hidden])]
+    else:
+        ins = [vi("x", [steps, 2, inputs]), vi("h0", [directions, 2, hidden])]
+        outs = [vi("y", [steps, directions, 2, hidden]), vi("y_h", [directions, 2, hidden])]
+    return make_model([node], ins, outs, inits)
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+def test_lstm_becomes_dynamic_quantize_lstm(directions):
+    model = lstm_model(directions=directions, clip=5.0)
+    feeds = seeded_feeds(model)
+    # 7-bit weights: 8-bit ones can saturate the u8s8 kernels of CPUs without VNNI (see the module docstring)
+    after, result = quantize(model, feeds, weight_bits=7, latency_fallback=False)
+    assert result.details["quantized"] == {"LSTM": 1}
+    (node,) = after.graph.node
+    assert (node.op_type, node.domain, node.name) == ("DynamicQuantizeLSTM", "com.microsoft", "lstm")
+    assert list(node.output) == ["y", "y_h"]
+    assert node.input[0] == "x" and list(node.input[3:8]) == ["b", "", "h0", "", ""]
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attributes == {"hidden_size": 32, "direction": (b"bidirectional" if directions == 2 else b"forward"), "clip": 5.0}
+    inits = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    assert "w" not in inits and "r" not in inits
+    for float_name, q_name, s_name, z_name in (("w", node.input[1], node.input[8], node.input[9]), ("r", node.input[2], node.input[10], node.input[11])):
+        w = constant_value(model.graph, float_name)
+        assert inits[q_name].dtype == np.int8 and inits[q_name].shape == (directions, w.shape[2], 128)
+        for d in range(directions):
+            expected = quantize_per_channel(w[d].T, axis=1, bits=7)
+            np.testing.assert_array_equal(inits[q_name][d], expected.values)
+            np.testing.assert_array_equal(inits[s_name][d], expected.scale)
+        assert inits[z_name].shape == (directions, 128) and not inits[z_name].any()
+    assert_close(model, after, feeds)
+
+
+def test_lstm_without_name_or_y_output():
+    """Only Y_h is read and the node has no name: the site is keyed by its first named output."""
+    model = lstm_model()
+    node = model.graph.node[0]
+    node.name, node.output[0] = "", ""
+    del model.graph.output[0]
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds, latency_fallback=False)
+    assert result.details["quantized"] == {"LSTM": 1}
+    assert [(n.op_type, n.name, list(n.output)) for n in after.graph.node] == [("DynamicQuantizeLSTM", "y_h", ["", "y_h"])]
+    assert_close(model, after, feeds)
+
+
+def test_lstm_batch_first_and_computed_weights_are_refused():
+    model = lstm_model(layout=1)
+    _, result = quantize(model, latency_fallback=False)
+    assert not result.changed and "layout=1" in kept(result)["lstm"][1]
+    model = lstm_model()
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "r"))
+    model.graph.input.append(vi("r", [1, 128, 32]))
+    _, result = quantize(model, latency_fallback=False)
+    reason, detail = kept(result)["lstm"]
+    assert not result.changed and reason == "unsupported" and "computed at run time" in detail
+
+
+@pytest.mark.parametrize("quantized_ms, kept_quantized", [(0.5, True), (2.0, False)])
+def test_lstm_latency_guard_uses_the_node_profile(monkeypatch, quantized_ms, kept_quantized):
+    """Stubbed profile: the LSTM kernel takes 1 ms, DynamicQuantizeLSTM `quantized_ms`."""
+    from graphopt import profiling
+    from graphopt.passes import quantize_dynamic
+
+    def node_times(model, feeds, settings, rounds=10):
+        return [profiling.NodeTime(n.name, n.op_type, quantized_ms if n.op_type == "DynamicQuantizeLSTM" else 1.0) for n in model.graph.node]
+
+    monkeypatch.setattr(quantize_dynamic.profiling, "node_times", node_times)
+    model = lstm_model()
+    after, result = quantize(model)
+    assert result.changed is kept_quantized
+    assert op_types(after) == (["DynamicQuantizeLSTM"] if kept_quantized else ["LSTM"])
+    if not kept_quantized:
+        assert kept(result)["lstm"] == ("slower", "DynamicQuantizeLSTM 2.000 ms vs LSTM 1.000 ms per run (onnxruntime profile)")
+
+
+def test_sensitive_lstm_returns_to_float():
+    """A budget tighter than int8 weights can meet: the LSTM is ranked by the model's output cosine and
+    goes back to float, the model is unchanged and the reason given."""
+    model = lstm_model()
+    feeds = seeded_feeds(model, n=4)
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=Budget(min_cosine=0.999999, min_top1=None))
+    after = copy_model(model)
+    result = QuantizeDynamic(latency_fallback=False).run(after, ctx)
+    assert not result.changed and op_types(after) == ["LSTM"]
+    reason, detail = kept(result)["lstm"]
+    assert reason == "sensitive" and "cosine" in detail
