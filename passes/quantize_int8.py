@@ -27,7 +27,7 @@ from graphopt.graph import copy_model, iter_graphs
 from graphopt.passes_base import Pass, PassContext, PassResult, make_pass, register, registry
 
 QUANTIZED_OPS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits", "MatMulIntegerToFloat"}
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulNBits", "MatMulIntegerToFloat"}
 )
 
 

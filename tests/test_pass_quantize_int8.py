@@ -106,6 +106,19 @@ def test_already_quantized_model_is_refused():
     assert not result.changed and result.refused == ["the model is already quantized"]
 
 
+def test_model_with_a_dynamic_quantize_lstm_is_already_quantized():
+    """quantize-dynamic's LSTM output (no QuantizeLinear, no MatMulInteger) is recognised as quantized."""
+    from graphopt.passes.quantize_dynamic import QuantizeDynamic
+    from tests.helpers import run_pass
+    from tests.test_pass_quantize_dynamic import lstm_model
+
+    model = lstm_model()
+    assert run_pass(QuantizeDynamic(fallback=False, latency_fallback=False), model).changed
+    assert op_types(model) == ["DynamicQuantizeLSTM"]
+    result = QuantizeInt8().run(model, context(lambda: 0.0))
+    assert not result.changed and result.refused == ["the model is already quantized"]
+
+
 def test_later_candidate_with_max_latency_ratio_gets_the_best_ratio_so_far(monkeypatch):
     """test-append-identity times at 0.5x the input; the next candidate, which takes max_latency_ratio,
     is made with 0.5 (a candidate without that option, the first one, gets none)."""
