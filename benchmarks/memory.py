@@ -1,7 +1,7 @@
 """Memory and time of quantizing real models, against the issue's bound: calibration memory under
 4x (model + calibration data), and quantizing with 64 calibration feeds in under 60 s.
 
-For each model (PP-OCRv4 rec, YOLOv8n, MiniLM; feeds and task budgets from benchmarks/quantize.py):
+For each model (PP-OCRv4 rec, YOLOv8n, the ddddocr captcha recognizer, MiniLM; feeds and task budgets from benchmarks/quantize.py):
 
     calibration   graphopt.calibrate.collect over every float activation of the lossless model (the
                   most quantize-static could ask for), all the calibration feeds, keeping what the range

@@ -4,6 +4,9 @@ Models (paths; wheels are fetched once with pip and cached under benchmarks/.cac
 
     ppocr_rec_path()  PP-OCRv4 text recognizer, from the rapidocr-onnxruntime 1.4.4 wheel
     yolov8n_path()    YOLOv8n detector at 320x320, from the nudenet 3.4.2 wheel
+    captcha_path()    ddddocr's captcha recognizer (Conv + bidirectional LSTM + CTC, opset 12, 13.5M
+                      parameters), `common.onnx` from the ddddocr 1.6.1 wheel; its alphabet is
+                      `captcha_characters()`, read from the same wheel's charsets.py
     minilm_path()     all-MiniLM-L6-v2 encoder, from ../shared/models beside the checkout
 
 Feeds (lists of `{input name: array}`, batch 1, deterministic):
@@ -16,6 +19,9 @@ Feeds (lists of `{input name: array}`, batch 1, deterministic):
                          flipped, scaled and placed on other real photos, letterboxed like nudenet to
                          [1, 3, 320, 320] in [0, 1]; needs Pillow
     minilm_feeds(n)      the first n tokenized sentences of ../shared/data/minilm_sentences.npz
+    captchas(n, seed)    (texts, feeds): 4-6 random letters and digits drawn with a DejaVu face in a random
+                         grey, crossed by two random lines, preprocessed as ddddocr does (grey, height 64,
+                         pixel/255) and padded with white to [1, 1, 64, 192]; needs Pillow
 
 A wheel already sitting in benchmarks/.cache/wheels/ is used as is, so on a machine without network
 access one can copy the wheel there by hand.
@@ -23,6 +29,7 @@ access one can copy the wheel there by hand.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -71,6 +78,11 @@ class WheelMember:
 
 PPOCR_REC = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx")
 YOLOV8N = WheelMember("nudenet", "3.4.2", "nudenet/320n.onnx")
+CAPTCHA = WheelMember("ddddocr", "1.6.1", "ddddocr/common.onnx")
+CAPTCHA_CHARSETS = WheelMember("ddddocr", "1.6.1", "ddddocr/charsets.py")
+CAPTCHA_HEIGHT = 64
+CAPTCHA_WIDTH = 192
+CAPTCHA_SYMBOLS = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # without the look-alikes l, o, I, O, 0, 1
 
 # Real photographs shipped inside wheels (not downloaded on demand by the package).
 _SKIMAGE = ("scikit-image", "0.26.0")
@@ -127,6 +139,44 @@ def ppocr_rec_path() -> Path:
 
 def yolov8n_path() -> Path:
     return fetch(YOLOV8N)
+
+
+def captcha_path() -> Path:
+    return fetch(CAPTCHA)
+
+
+def captcha_characters() -> list[str]:
+    """ddddocr's alphabet for common.onnx (its `CHARSET_BETA`; index 0 is the CTC blank), read as a
+    literal from the wheel's charsets.py, never imported."""
+    tree = ast.parse(fetch(CAPTCHA_CHARSETS).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "CHARSET_BETA" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError("ddddocr's charsets.py holds no CHARSET_BETA; has the package changed?")
+
+
+def captchas(count: int, seed: int = 0) -> tuple[list[str], list[Feed]]:
+    """Rendered captchas and their texts (see the module docstring), input `input1`."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    texts = ["".join(rng.choice(list(CAPTCHA_SYMBOLS), int(rng.integers(4, 7)))) for _ in range(count)]
+    feeds = []
+    for i, text in enumerate(texts):
+        font = ImageFont.truetype(OCR_FONTS[i % len(OCR_FONTS)], 36)
+        left, top, right, bottom = font.getbbox(text)
+        margin = 6
+        image = Image.new("L", (right - left + 2 * margin, bottom - top + 2 * margin), 255)
+        draw = ImageDraw.Draw(image)
+        draw.text((margin - left, margin - top), text, font=font, fill=int(rng.integers(0, 80)))
+        for _ in range(2):
+            ends = [(int(rng.integers(0, image.width)), int(rng.integers(0, image.height))) for _ in range(2)]
+            draw.line(ends, fill=int(rng.integers(60, 160)), width=1)
+        width = min(CAPTCHA_WIDTH, round(image.width * CAPTCHA_HEIGHT / image.height))
+        canvas = np.full((CAPTCHA_HEIGHT, CAPTCHA_WIDTH), 255, np.uint8)
+        canvas[:, :width] = np.asarray(image.resize((width, CAPTCHA_HEIGHT), Image.BILINEAR))
+        feeds.append({"input1": (canvas.astype(np.float32) / 255.0)[None, None]})
+    return texts, feeds
 
 
 def minilm_path() -> Path:

@@ -1,6 +1,6 @@
 """Quantization side by side on real models: graphopt's int8/int4 presets vs onnxruntime.quantization.
 
-For each model (PP-OCRv4 rec, YOLOv8n, MiniLM; see benchmarks/models.py) the feeds are split into a
+For each model (PP-OCRv4 rec, YOLOv8n, the ddddocr captcha recognizer, MiniLM; see benchmarks/models.py) the feeds are split into a
 calibration set and a scored set that no quantizer sees, and these variants are built, each in
 try/except so a failure is recorded and the others go on:
 
@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 
 import graphopt
 from graphopt import bench, runtime
@@ -133,6 +134,40 @@ def ocr_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], 
     return labels, Budget(metric=character_accuracy, max_drop=0.01)
 
 
+def captcha_calibration(count: int) -> list[Feed]:
+    return models.captchas(count, seed=0)[1]
+
+
+def captcha_scored(count: int) -> tuple[list[Feed], tuple[list[str], list[str]]]:
+    """Captchas from another seed; the truth is (texts, ddddocr's alphabet)."""
+    texts, feeds = models.captchas(count, seed=1)
+    return feeds, (texts, models.captcha_characters())
+
+
+def captcha_texts(outputs: list[dict], characters: list[str]) -> list[str]:
+    """Greedy CTC decoding of ddddocr's [T, 1, classes] output, case folded: the model reads most letters
+    as lower case whatever their case, so the case is not part of its answer."""
+    return [tasks.ctc_greedy_decode(next(iter(o.values())).transpose(1, 0, 2), characters)[0].lower() for o in outputs]
+
+
+def captcha_score(outputs: list[dict], reference: list[dict], truth: tuple[list[str], list[str]]) -> dict:
+    texts, characters = truth
+    predicted, truth = captcha_texts(outputs, characters), [t.lower() for t in texts]
+    return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
+
+
+def captcha_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
+    """Character accuracy on the calibration captchas' own texts may drop by at most 1 point."""
+    characters = models.captcha_characters()
+    texts = models.captchas(len(calibration), seed=0)[0]
+    labels = [np.array([ord(c) for c in text.lower()], np.int32) for text in texts]
+
+    def character_accuracy(outputs: list[dict], labels: list[np.ndarray]) -> float:
+        return tasks.character_accuracy(captcha_texts(outputs, characters), ["".join(map(chr, label)) for label in labels])
+
+    return labels, Budget(metric=character_accuracy, max_drop=0.01)
+
+
 def yolo_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
     """Detections after NMS must agree with fp32's (the labels) at F1 >= 0.97 (a margin under the 0.95 target)."""
     labels = [tasks.yolo_detections(o["output0"]) for o in runtime.run_all(graphopt.load(models.yolov8n_path()), calibration)]
@@ -201,6 +236,11 @@ WORKLOADS = {
         "yolov8n", models.yolov8n_path, yolo_calibration, yolo_scored, yolo_score, "f1", (64, 24),
         targets={"int8": (Target("f1", True, 0.95), Target("speedup", True, 1.8))},
         budget=yolo_budget,
+    ),
+    "captcha": Workload(
+        "captcha", models.captcha_path, captcha_calibration, captcha_scored, captcha_score, "char_accuracy", (200, 64),
+        targets={"int8": (Target("drop_points", False, 1.0), Target("speedup", True, 1.0))},
+        budget=captcha_budget,
     ),
     "minilm": Workload(
         "minilm", models.minilm_path, lambda n: minilm_half(True, n), lambda n: (minilm_half(False, n), None), minilm_score, "cosine", (512, 96),
@@ -515,6 +555,7 @@ def check_targets(variants: list[Variant], work: Workload) -> list[str]:
 QUALITY_COLUMNS = {
     "ppocr-rec": (("char_accuracy", "char acc", "{:.2%}"), ("drop_points", "drop pts", "{:+.2f}"), ("lines_exact", "lines exact", "{:.1%}")),
     "yolov8n": (("f1", "F1 vs fp32", "{:.3f}"), ("detections", "detections", "{:.0f}")),
+    "captcha": (("char_accuracy", "char acc", "{:.2%}"), ("drop_points", "drop pts", "{:+.2f}"), ("lines_exact", "captchas exact", "{:.1%}")),
     "minilm": (("cosine", "cosine", "{:.4f}"), ("min_cosine", "min cosine", "{:.4f}"), ("nn_agreement", "NN agree", "{:.1%}")),
 }
 
@@ -552,13 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS), help="which models (default: all)")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer scored samples, a smaller onnxruntime grid")
     parser.add_argument("--calibration", type=int, default=64, help="calibration feeds, the same for every quantizer (default 64)")
-    parser.add_argument("--scored", type=int, default=0, help="scored samples per model (default: 256 lines, 64 images, 512 sentences; --quick 64, 24, 96)")
+    parser.add_argument("--scored", type=int, default=0, help="scored samples per model (default: 256 lines, 64 images, 200 captchas, 512 sentences; --quick 64, 24, 64, 96)")
     parser.add_argument("--rounds", type=int, default=50, help="interleaved timing rounds (default 50)")
     parser.add_argument("--timing-feeds", type=int, default=8, help="scored feeds cycled through by the timing (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for scoring and timing (default 2)")
     parser.add_argument("--json", metavar="OUT", default=str(DEFAULT_JSON), help=f"write the results as JSON (default {DEFAULT_JSON})")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice to pre-process, per call
+    onnxruntime.set_default_logger_severity(3)  # its calibration sessions' warnings, per run (ddddocr declares a wrong output shape)
     if args.quick:
         args.calibration = min(args.calibration, 16)
         args.rounds = min(args.rounds, 20)
