@@ -1,13 +1,18 @@
-"""quantize-int8: static or dynamic int8, whichever onnxruntime measures faster within the budget.
+"""quantize-int8: static, dynamic or both, whichever onnxruntime measures faster within the budget.
 
 Rewrites:
-  a float model => the result of quantize-dynamic or of quantize-static (see those passes), chosen by
-    running each on a copy of the model, dropping any that breaks the budget on the calibration feeds, and
-    timing each against the input (interleaved, at the target settings): the fastest is kept
+  a float model => the result of quantize-dynamic, of quantize-static, or of quantize-static run on
+    quantize-dynamic's result (see those passes), chosen by running each on a copy of the model, dropping
+    any that breaks the budget on the calibration feeds, and timing each against the input (interleaved,
+    at the target settings): the fastest is kept
+A candidate "a+b" runs b on what candidate a produced (a's model is reused, not rebuilt); it is skipped
+when a was not kept (then it would be b alone). The captcha recognizer (Conv + LSTM) needs both: its LSTM
+has only a dynamic kernel, its Convs only static ones (0.69x the input dynamic, 0.92x static, 0.60x both).
 Candidates run in the order given, dynamic first because it is cheap; the best latency ratio reached so
-far is handed to each later candidate that has a `max_latency_ratio` option (quantize-static), which then
-refuses as soon as it knows it cannot beat it, before its accuracy search (MiniLM: static's search took
-27 s of the 108 s int8 preset for a model slower than the dynamic one).
+far is handed to each later candidate that has a `max_latency_ratio` option (quantize-static), relative
+to the model it starts from, and it then refuses as soon as it knows it cannot beat it, before its
+accuracy search (MiniLM: static's search took 27 s of the 108 s int8 preset for a model slower than the
+dynamic one).
 
 Refused (changed=False, reasons in `refused`):
   a model that already holds QuantizeLinear/DequantizeLinear or integer kernels: it is quantized already
@@ -42,7 +47,7 @@ class QuantizeInt8(Pass):
     description = "int8: quantize-static or quantize-dynamic, whichever is fastest within the budget"
     lossless = False
     claims = "speed"
-    candidates: str = "quantize-dynamic,quantize-static"
+    candidates: str = "quantize-dynamic,quantize-static,quantize-dynamic+quantize-static"
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         if already_quantized(model):
@@ -52,8 +57,13 @@ class QuantizeInt8(Pass):
         tried: dict[str, tuple[onnx.ModelProto, PassResult]] = {}
         refused: list[str] = []
         for name in filter(None, (c.strip() for c in self.candidates.split(","))):
-            candidate = copy_model(model)
-            result = make_pass(name, _bar(name, ratios)).run(candidate, ctx)
+            prefix, _, step = name.rpartition("+")
+            if prefix and prefix not in tried:
+                refused.append(f"{name}: not tried, {prefix} was not kept")
+                continue
+            start, start_ratio = (tried[prefix][0], ratios[prefix]) if prefix else (model, 1.0)
+            candidate = copy_model(start)
+            result = make_pass(step, _bar(step, ratios, start_ratio)).run(candidate, ctx)
             if not result.changed:
                 refused.append(f"{name}: changed nothing" + (f" ({'; '.join(result.refused[:3])})" if result.refused else ""))
                 continue
@@ -62,7 +72,7 @@ class QuantizeInt8(Pass):
                 refused.append(f"{name}: over budget on the calibration feeds: {problem}")
                 continue
             ratios[name] = ctx.latency([("input", model), (name, candidate)])[1].ratio
-            tried[name] = (candidate, result)
+            tried[name] = (candidate, _chained(tried[prefix][1], prefix, result, step) if prefix else result)
         if not tried:
             return PassResult(False, refused=refused)
         name = min(ratios, key=ratios.__getitem__)
@@ -77,12 +87,30 @@ class QuantizeInt8(Pass):
         return result
 
 
-def _bar(name: str, ratios: dict[str, float]) -> dict[str, str] | None:
-    """The `max_latency_ratio` option for candidate `name`, when it takes one: the best ratio so far, and
-    never above 1 (a candidate slower than the input is no bar)."""
+def _bar(name: str, ratios: dict[str, float], start_ratio: float = 1.0) -> dict[str, str] | None:
+    """The `max_latency_ratio` option for pass `name`, when it takes one: the best ratio to the input so
+    far, divided by the ratio of the model the pass starts from, and never above 1 (a candidate slower
+    than its start is no bar)."""
     cls = registry().get(name)
     takes_it = dataclasses.is_dataclass(cls) and any(f.name == "max_latency_ratio" for f in dataclasses.fields(cls))
-    return {"max_latency_ratio": repr(min(1.0, *ratios.values()))} if ratios and takes_it else None
+    return {"max_latency_ratio": repr(min(1.0, min(ratios.values()) / start_ratio))} if ratios and takes_it else None
+
+
+def _chained(first: PassResult, first_name: str, second: PassResult, second_name: str) -> PassResult:
+    """One result for two passes run in turn: notes and refusals of both (each named), ops quantized
+    summed, nodes kept float listed with the pass that kept them."""
+    kept = [dict(k, detail=f"{name}: {k['detail']}") for name, r in ((first_name, first), (second_name, second)) for k in r.details.get("kept_float", [])]
+    return PassResult(
+        changed=True,
+        counts=_summed(first.counts, second.counts),
+        details={**second.details, "quantized": _summed(first.details.get("quantized", {}), second.details.get("quantized", {})), "kept_float": kept},
+        notes=[f"{first_name}: {n}" for n in first.notes] + [f"{second_name}: {n}" for n in second.notes],
+        refused=[f"{first_name}: {r}" for r in first.refused] + [f"{second_name}: {r}" for r in second.refused],
+    )
+
+
+def _summed(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
 
 
 def _show(ratios: dict[str, float]) -> str:

@@ -280,7 +280,7 @@ class QuantizeStatic(Pass):
         timings = ctx.latency([("float", original), ("quantized", builder.build(units, dtype))])
         if timings[1].ratio < self.max_latency_ratio:
             return None
-        than = "the float model" if self.max_latency_ratio == 1.0 else f"{self.max_latency_ratio:.3f}x the float model (max_latency_ratio)"
+        than = "its input" if self.max_latency_ratio == 1.0 else f"{self.max_latency_ratio:.3f}x its input (max_latency_ratio)"
         return (
             f"not faster than {than} even with every node the latency guard kept quantized ({len(units)} nodes): "
             f"latency ratio {timings[1].ratio:.3f} ({timings[1].median_ms:.3f} ms vs {timings[0].median_ms:.3f} ms); "

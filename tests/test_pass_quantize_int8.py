@@ -40,6 +40,22 @@ class AppendIdentity(Pass):
 
 @register
 @dataclass
+class StackIdentity(Pass):
+    """Stub candidate: one more Identity at the end, on any model (so it can follow another candidate)."""
+
+    name = "test-stack-identity"
+    description = "test"
+    lossless = False
+
+    def run(self, model, ctx):
+        inner = f"t{len(model.graph.node)}"
+        model.graph.node[-1].output[0] = inner
+        model.graph.node.append(helper.make_node("Identity", [inner], ["y"]))
+        return PassResult(True, counts={"nodes_added": 1}, details={"quantized": {"Identity": 1}}, notes=["stacked"])
+
+
+@register
+@dataclass
 class BreakOutput(Pass):
     """Stub candidate: negates the output (over any budget)."""
 
@@ -137,3 +153,33 @@ def test_a_candidate_slower_than_the_input_sets_no_bar_above_one(monkeypatch):
     result = QuantizeInt8(candidates="test-append-identity,test-record-bar").run(relu_model(), context(timer))
     assert RecordBar.seen == [1.0]
     assert not result.changed and "no candidate was faster" in result.refused[-1]
+
+
+def test_chained_candidate_starts_from_the_first_ones_model(monkeypatch):
+    """"a+b" runs b on a's model (not rebuilt: a ran once), is timed against the input and can win; its
+    result sums the quantized ops and counts and names each pass in the notes."""
+    chain = "test-append-identity+test-stack-identity"
+    timer = stub_latency(monkeypatch, 0.5, lambda label: label == chain)
+    model = relu_model()
+    result = QuantizeInt8(candidates=f"test-append-identity,{chain}").run(model, context(timer))
+    assert result.changed and result.details["chosen"] == chain
+    assert result.details["latency_ratios"] == {"test-append-identity": pytest.approx(1.0), chain: pytest.approx(0.5)}
+    assert op_types(model) == ["Relu", "Identity", "Identity"]
+    assert result.details["quantized"] == {"Relu": 1, "Identity": 1} and result.counts == {"nodes_added": 1}
+    assert result.notes[0] == "test-stack-identity: stacked" and result.notes[-1].startswith(f"chose {chain} by measurement")
+
+
+def test_chained_candidate_is_skipped_when_its_first_pass_was_not_kept(monkeypatch):
+    timer = stub_latency(monkeypatch, 1.0, lambda label: False)
+    result = QuantizeInt8(candidates="test-break-output,test-break-output+test-append-identity").run(relu_model(), context(timer))
+    assert result.refused[1] == "test-break-output+test-append-identity: not tried, test-break-output was not kept"
+    assert not result.changed
+
+
+def test_chained_candidate_gets_the_bar_relative_to_its_start(monkeypatch):
+    """Best so far 0.5 (test-append-identity); after a start at 0.5 the bar is 1.0, after one at 1.0 it is 0.5."""
+    timer = stub_latency(monkeypatch, 0.5, lambda label: label == "test-append-identity")
+    RecordBar.seen.clear()
+    candidates = "test-append-identity,test-stack-identity,test-append-identity+test-record-bar,test-stack-identity+test-record-bar"
+    QuantizeInt8(candidates=candidates).run(relu_model(), context(timer))
+    assert RecordBar.seen == [pytest.approx(1.0), pytest.approx(0.5)]

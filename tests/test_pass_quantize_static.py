@@ -581,7 +581,7 @@ def test_latency_fallback_runs_on_a_real_profile():
         assert result.refused == ["every quantizable node was returned to float"]
     else:
         [reason] = result.refused
-        assert reason.startswith(f"not faster than the float model even with every node the latency guard kept quantized ({3 - len(kept)} nodes): latency ratio ")
+        assert reason.startswith(f"not faster than its input even with every node the latency guard kept quantized ({3 - len(kept)} nodes): latency ratio ")
 
 
 def stubbed_latency(ratio, calls):
@@ -610,7 +610,7 @@ def test_not_faster_even_fully_quantized_is_refused_before_the_accuracy_bisectio
     before = outlier_model()
     result, calls = quantize_timed(before, outlier_feeds(before, 8, 0), 1.2, monkeypatch)
     assert not result.changed and calls == [["float", "quantized"]]
-    assert len(result.refused) == 1 and "not faster than the float model" in result.refused[0] and "latency ratio 1.200" in result.refused[0]
+    assert len(result.refused) == 1 and "not faster than its input" in result.refused[0] and "latency ratio 1.200" in result.refused[0]
     assert not [k for k in result.details["kept_float"] if k["reason"] == "sensitive"]
 
 
@@ -618,7 +618,7 @@ def test_max_latency_ratio_is_the_bar_to_beat(monkeypatch):
     """Timed at 0.5x the float model, but asked to beat 0.4x (what another candidate reached): refused."""
     before = outlier_model()
     result, _ = quantize_timed(before, outlier_feeds(before, 8, 0), 0.5, monkeypatch, max_latency_ratio=0.4)
-    assert not result.changed and "not faster than 0.400x the float model (max_latency_ratio)" in result.refused[0]
+    assert not result.changed and "not faster than 0.400x its input (max_latency_ratio)" in result.refused[0]
     with pytest.raises(PassError, match="max_latency_ratio must be positive"):
         quantize(before, max_latency_ratio=0.0)
 
