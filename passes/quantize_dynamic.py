@@ -34,8 +34,9 @@ Refused (node left float, listed in details["kept_float"] with a reason):
                  relative error when only they are quantized (numpy on the float inputs, one streamed run;
                  in bodies: the model's output cosine with only that node quantized), and the most
                  sensitive go back to float until the budget holds (fallback=true; doubling then bisection)
-  slower       - (LSTM, latency_fallback=true) onnxruntime's per-node profile on two calibration feeds shows
-                 the DynamicQuantizeLSTM kernel slower than the float LSTM kernel: small LSTMs
+  slower       - (main-graph LSTM, latency_fallback=true; an LSTM inside a body is not profiled) onnxruntime's
+                 per-node profile on two calibration feeds shows the DynamicQuantizeLSTM kernel slower than
+                 the float LSTM kernel: small LSTMs
                  (hidden 48, 2 directions: 0.93x) lose to quantizing the input at every step, large ones win
                  (hidden 256, 2 directions, 40 steps: 2.5x faster, measured on the 2-core AVX2 machine)
   LSTM with layout=1 (batch first; DynamicQuantizeLSTM has no such attribute) is unsupported. GRU and RNN have
@@ -358,6 +359,7 @@ class _GraphRewriter:
         self.graph, self.names, self.fmt = graph, names, fmt
         self.made_by = producers(graph)
         self.weights: dict[tuple[str, bool, float], tuple[str, str]] = {}
+        self.recurrent: dict[str, tuple[str, str, str]] = {}
         self.activations: dict[str, tuple[str, str, str]] = {}
 
     def rewrite(self, sites: dict[str, _Site]) -> None:
@@ -396,20 +398,23 @@ class _GraphRewriter:
 
     def _lstm(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         """DynamicQuantizeLSTM with the LSTM's inputs, attributes (layout is 0 here) and name."""
-        quantized = []
-        for name in node.input[1:3]:
-            values, scale = self.fmt.quantize_recurrent(qdq.weight(self.graph, name, self.made_by))
-            q_name, s_name, z_name = self.names(f"{name}_quantized"), self.names(f"{name}_scale"), self.names(f"{name}_zero_point")
-            self.graph.initializer.extend(
-                [numpy_helper.from_array(values, q_name), qdq.float_tensor(s_name, scale), numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name)]
-            )
-            quantized.append((q_name, s_name, z_name))
-        (w_q, w_s, w_z), (r_q, r_s, r_z) = quantized
+        (w_q, w_s, w_z), (r_q, r_s, r_z) = (self._recurrent_weight(name) for name in node.input[1:3])
         optional = (list(node.input[3:8]) + [""] * 5)[:5]  # B, sequence_lens, initial_h, initial_c, P
         inputs = [node.input[0], w_q, r_q, *optional, w_s, w_z, r_s, r_z]
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in LSTM_ATTRIBUTES}
         name = node.name or _key(node)
         return [helper.make_node("DynamicQuantizeLSTM", inputs, list(node.output), name=name, domain=MS_DOMAIN, **attributes)]
+
+    def _recurrent_weight(self, name: str) -> tuple[str, str, str]:
+        """An LSTM's W or R as DynamicQuantizeLSTM's int8 weight, scale and zero point, made once per weight."""
+        if name not in self.recurrent:
+            values, scale = self.fmt.quantize_recurrent(qdq.weight(self.graph, name, self.made_by))
+            q_name, s_name, z_name = self.names(f"{name}_quantized"), self.names(f"{name}_scale"), self.names(f"{name}_zero_point")
+            self.graph.initializer.extend(
+                [numpy_helper.from_array(values, q_name), qdq.float_tensor(s_name, scale), numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name)]
+            )
+            self.recurrent[name] = (q_name, s_name, z_name)
+        return self.recurrent[name]
 
     def _activation(self, x: str, new: list[onnx.NodeProto]) -> tuple[str, str, str]:
         if x not in self.activations:

@@ -372,3 +372,19 @@ def test_sensitive_lstm_returns_to_float():
     assert not result.changed and op_types(after) == ["LSTM"]
     reason, detail = kept(result)["lstm"]
     assert reason == "sensitive" and "cosine" in detail
+
+
+def test_lstms_sharing_weights_quantize_them_once():
+    """x -> LSTM(W, R) -> y and x -> LSTM(W, R) -> z (the same W and R): one int8 W and one int8 R."""
+    model = lstm_model()
+    first = model.graph.node[0]
+    second = helper.make_node("LSTM", list(first.input), ["z", ""], name="lstm2", hidden_size=32)
+    model.graph.node.append(second)
+    model.graph.output.append(vi("z", [6, 1, 2, 32]))
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds, weight_bits=7, latency_fallback=False)
+    assert result.details["quantized"] == {"LSTM": 2}
+    a, b = after.graph.node
+    assert list(a.input[1:3]) == list(b.input[1:3]) and list(a.input[8:]) == list(b.input[8:])
+    assert sum(t.data_type == TP.INT8 and len(t.dims) == 3 for t in after.graph.initializer) == 2
+    assert_close(model, after, feeds)
