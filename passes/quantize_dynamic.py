@@ -101,6 +101,7 @@ class QuantizeDynamic(Pass):
     description = "int8 per-channel weights and run-time quantized activations for MatMul/Gemm/LSTM with constant weights"
     lossless = False
     claims = "speed"
+    op_types = frozenset({"MatMul", "Gemm", "LSTM"})  # what it can quantize (quantize-int8 reads it)
 
     per_channel: bool = True
     fallback: bool = True

@@ -179,6 +179,7 @@ class QuantizeStatic(Pass):
     description = "static int8 QDQ (calibrated) around the nodes onnxruntime fuses into integer kernels, with accuracy and latency fallback"
     lossless = False
     claims = "speed"
+    op_types = frozenset(ACTIVATION_INPUTS)  # what it can quantize (quantize-int8 reads it)
 
     method: str = "minmax"
     percentile: float = 99.999

@@ -56,6 +56,15 @@ class StackIdentity(Pass):
 
 @register
 @dataclass
+class StackIdentityOnRelu(StackIdentity):
+    """Stub: test-stack-identity that declares it can quantize Relu."""
+
+    name = "test-stack-identity-relu"
+    op_types = frozenset({"Relu"})
+
+
+@register
+@dataclass
 class BreakOutput(Pass):
     """Stub candidate: negates the output (over any budget)."""
 
@@ -183,3 +192,13 @@ def test_chained_candidate_gets_the_bar_relative_to_its_start(monkeypatch):
     candidates = "test-append-identity,test-stack-identity,test-append-identity+test-record-bar,test-stack-identity+test-record-bar"
     QuantizeInt8(candidates=candidates).run(relu_model(), context(timer))
     assert RecordBar.seen == [pytest.approx(1.0), pytest.approx(0.5)]
+
+
+def test_chained_candidate_is_skipped_when_the_second_pass_could_do_it_all(monkeypatch):
+    """test-append-identity quantized a Relu, which test-stack-identity-relu can quantize itself: the
+    chain would be that pass alone, so it is not run."""
+    timer = stub_latency(monkeypatch, 0.5, lambda label: label == "test-append-identity")
+    chain = "test-append-identity+test-stack-identity-relu"
+    result = QuantizeInt8(candidates=f"test-append-identity,{chain}").run(relu_model(), context(timer))
+    assert result.refused == [f"{chain}: not tried, test-append-identity quantized nothing test-stack-identity-relu cannot (it would be test-stack-identity-relu alone)"]
+    assert result.details["chosen"] == "test-append-identity"
