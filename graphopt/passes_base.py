@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx
 
-from graphopt import bench, runtime
+from graphopt import bench, profiling, runtime
 from graphopt.bench import Timing
 from graphopt.errors import PassError, UserError
 from graphopt.runtime import RuntimeSettings
@@ -82,6 +82,12 @@ class PassContext:
         """Why `model` breaks the budget against `reference` (outputs on the calibration feeds), or None.
         Passes use this to back off before the pipeline checks the held-out validation feeds."""
         return self.budget.violation(reference, self.outputs(model), self.calibration_labels)
+
+    def node_times(self, model: onnx.ModelProto) -> list[profiling.NodeTime]:
+        """onnxruntime's per-node profile of `model` at the target settings (level all, `threads`), on two
+        calibration feeds: what latency guards compare kernel by kernel."""
+        settings = RuntimeSettings(level="all", threads=self.threads, memory_arena=True)
+        return profiling.node_times(model, self.calibration[:2], settings, rounds=5)
 
     def latency(self, models: list[tuple[str, onnx.ModelProto]]) -> list[Timing]:
         """Interleaved timings of `models` at the target settings (all optimizations, `threads`);

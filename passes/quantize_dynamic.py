@@ -53,7 +53,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import profiling
 from graphopt.activations import intermediates
 from graphopt.graph import (
     STANDARD_DOMAINS,
@@ -67,7 +66,6 @@ from graphopt.graph import (
 )
 from graphopt.passes import qdq
 from graphopt.passes_base import Pass, PassContext, PassError, PassResult, register
-from graphopt.runtime import RuntimeSettings
 
 FORMAT = "DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (onnxruntime: DynamicQuantizeMatMul / MatMulIntegerToFloat); LSTM -> com.microsoft DynamicQuantizeLSTM"
 MIN_OPSET = 11  # DynamicQuantizeLinear
@@ -311,10 +309,8 @@ def _without_slower_lstms(base: onnx.ModelProto, sites: list[_Site], ctx: PassCo
     for node in named.graph.node:
         if node.op_type == "LSTM" and not node.name:
             node.name = _key(node)  # the name the quantized node gets
-    settings = RuntimeSettings(level="all", threads=ctx.threads, memory_arena=True)
-    feeds = ctx.calibration[:2]
-    float_ms = {t.name: t.ms for t in profiling.node_times(named, feeds, settings, rounds=5)}
-    quant_ms = {t.name: t.ms for t in profiling.node_times(_quantized(named, lstms, _Format(True, 8)), feeds, settings, rounds=5)}
+    float_ms = {t.name: t.ms for t in ctx.node_times(named)}
+    quant_ms = {t.name: t.ms for t in ctx.node_times(_quantized(named, lstms, _Format(True, 8)))}
     slower = set()
     for s in lstms:
         f, q = float_ms.get(s.node), quant_ms.get(s.node)

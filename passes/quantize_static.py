@@ -399,11 +399,9 @@ class QuantizeStatic(Pass):
         return self._return(builder.plan, units, {u.name for u in ranked[:returned]}, "sensitive", detail), None
 
     def _faster_only(self, builder: Builder, units: list[Unit], dtype, ctx: PassContext) -> list[Unit]:
-        settings = RuntimeSettings(level="all", threads=ctx.threads, memory_arena=True)
-        feeds = ctx.calibration[:2]
-        float_times = profiling.node_times(builder.plan.model, feeds, settings, rounds=5)
+        float_times = ctx.node_times(builder.plan.model)
         quant_model = builder.build(units, dtype)
-        quant_times = profiling.node_times(quant_model, feeds, settings, rounds=5)
+        quant_times = ctx.node_times(quant_model)
         judged = [u for u in units if u.op_type in WEIGHTED]
         slower = slower_units(judged, float_times, quant_times, charges(builder.plan.model, quant_model, units))
         detail = {name: f"{q:.3f} ms quantized vs {f:.3f} ms float" for name, (q, f) in slower.items()}

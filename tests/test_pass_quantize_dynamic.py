@@ -347,12 +347,11 @@ def test_lstm_batch_first_and_computed_weights_are_refused():
 def test_lstm_latency_guard_uses_the_node_profile(monkeypatch, quantized_ms, kept_quantized):
     """Stubbed profile: the LSTM kernel takes 1 ms, DynamicQuantizeLSTM `quantized_ms`."""
     from graphopt import profiling
-    from graphopt.passes import quantize_dynamic
 
     def node_times(model, feeds, settings, rounds=10):
         return [profiling.NodeTime(n.name, n.op_type, quantized_ms if n.op_type == "DynamicQuantizeLSTM" else 1.0) for n in model.graph.node]
 
-    monkeypatch.setattr(quantize_dynamic.profiling, "node_times", node_times)
+    monkeypatch.setattr(profiling, "node_times", node_times)
     model = lstm_model()
     after, result = quantize(model)
     assert result.changed is kept_quantized
