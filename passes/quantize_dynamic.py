@@ -34,9 +34,10 @@ Refused (node left float, listed in details["kept_float"] with a reason):
                  relative error when only they are quantized (numpy on the float inputs, one streamed run;
                  in bodies: the model's output cosine with only that node quantized), and the most
                  sensitive go back to float until the budget holds (fallback=true; doubling then bisection)
-  slower       - (main-graph LSTM, latency_fallback=true; an LSTM inside a body is not profiled) onnxruntime's
-                 per-node profile on two calibration feeds shows the DynamicQuantizeLSTM kernel slower than
-                 the float LSTM kernel: small LSTMs
+  slower       - (main graph, latency_fallback=true; nodes inside bodies are not profiled) onnxruntime's
+                 per-node profile on two calibration feeds, with every candidate quantized, shows the node's
+                 integer kernels (its share of a shared DynamicQuantizeLinear included) slower than its float
+                 kernel (with a bias Add the integer kernel absorbed). Small LSTMs
                  (hidden 48, 2 directions: 0.93x) lose to quantizing the input at every step, large ones win
                  (hidden 256, 2 directions, 40 steps: 2.5x faster, measured on the 2-core AVX2 machine)
   LSTM with layout=1 (batch first; DynamicQuantizeLSTM has no such attribute) is unsupported. GRU and RNN have
@@ -58,6 +59,7 @@ from graphopt.graph import (
     STANDARD_DOMAINS,
     NameGenerator,
     attribute,
+    consumers,
     copy_model,
     drop_unread,
     initializer_bytes,
@@ -106,7 +108,7 @@ class QuantizeDynamic(Pass):
     min_weight_elements: int = 4096
     ops: str = "MatMul,Gemm,LSTM"
     weight_bits: int = 0  # 8, 7, or 0: whichever is more accurate on this machine
-    latency_fallback: bool = True  # LSTMs whose quantized kernel profiles slower stay float
+    latency_fallback: bool = True  # main-graph nodes whose quantized kernels profile slower stay float
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         notes = [n for n in [qdq.ensure_opset(model, MIN_OPSET)] if n]
@@ -119,7 +121,7 @@ class QuantizeDynamic(Pass):
             raise PassError(f"quantize-dynamic: weight_bits must be 7, 8 or 0 (choose by measurement), not {self.weight_bits}")
         base = copy_model(model)
         if self.latency_fallback:
-            plan.sites = _without_slower_lstms(base, plan.sites, ctx, plan.kept_float)
+            plan.sites = _without_slower(base, plan.sites, ctx, plan.kept_float)
             if not plan.sites:
                 return PassResult(changed=False, details=details, notes=notes, refused=_refusals(plan.kept_float))
         reference = ctx.outputs(base)
@@ -298,26 +300,47 @@ def _key(node: onnx.NodeProto) -> str:
     return next((o for o in node.output if o), node.name)
 
 
-def _without_slower_lstms(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext, kept_float: list[dict]) -> list[_Site]:
-    """`sites` without the LSTMs whose DynamicQuantizeLSTM kernel takes longer than their LSTM kernel in
-    onnxruntime's per-node profile (level all, two calibration feeds). The quantized node keeps the LSTM's
-    name, so the two profiles are matched by name."""
-    lstms = [s for s in sites if s.op_type == "LSTM" and s.graph == 0]
-    if not lstms or not ctx.calibration:
+def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext, kept_float: list[dict]) -> list[_Site]:
+    """`sites` without the main-graph ones whose quantized kernels take longer than their float kernels in
+    onnxruntime's per-node profile (level all, two calibration feeds), everything quantized at once.
+
+    Quantized side: the kernels of the nodes the rewrite made for the site, under the names it gave them
+    (onnxruntime names DynamicQuantizeMatMul / MatMulIntegerToFloat after the MatMulInteger node it fuses),
+    a DynamicQuantizeLinear shared by several sites split evenly among them. Float side: the site's node,
+    under its name or a fusion's name built on it ("mm/MatMulAddFusion"), plus the nodes reading its output
+    that the quantized profile no longer has (a bias Add fused into the integer kernel). A site the float
+    profile does not show (fused into something else) is not judged."""
+    main = [s for s in sites if s.graph == 0]
+    if not main or not ctx.calibration:
         return sites
     named = copy_model(base)
+    keys = {s.output for s in main}
     for node in named.graph.node:
-        if node.op_type == "LSTM" and not node.name:
-            node.name = _key(node)  # the name the quantized node gets
-    float_ms = {t.name: t.ms for t in ctx.node_times(named)}
-    quant_ms = {t.name: t.ms for t in ctx.node_times(_quantized(named, lstms, _Format(True, 8)))}
+        if node.output and _key(node) in keys and not node.name:
+            node.name = _key(node)  # the site's name, which the quantized nodes are named after
+    quantized = copy_model(named)
+    charges = _apply(quantized, main, _Format(True, 8))
+    float_times, quant_times = ctx.node_times(named), ctx.node_times(quantized)
+    quant_names = {t.name for t in quant_times}
+    readers = consumers(named.graph)
     slower = set()
-    for s in lstms:
-        f, q = float_ms.get(s.node), quant_ms.get(s.node)
-        if f is not None and q is not None and q > f:
+    for s in main:
+        mine = [t for t in float_times if t.name == s.node or t.name.startswith(s.node + "/")]
+        if not mine:
+            continue
+        fused_away = {r.name for r in readers.get(s.output, []) if r.name and r.name not in quant_names}
+        f = sum(t.ms for t in mine) + sum(t.ms for t in float_times if t.name in fused_away)
+        charged = [(t, len(charges[t.name])) for t in quant_times if s.node in charges.get(t.name, ())]
+        q = sum(t.ms / shared for t, shared in charged)
+        if q > f:
             slower.add(s)
-            kept_float.append(_kept(s, "slower", f"DynamicQuantizeLSTM {q:.3f} ms vs LSTM {f:.3f} ms per run (onnxruntime profile)"))
+            detail = f"{_kernels(t for t, _ in charged)} {q:.3f} ms vs {_kernels(mine)} {f:.3f} ms per run (onnxruntime profile)"
+            kept_float.append(_kept(s, "slower", detail))
     return [s for s in sites if s not in slower]
+
+
+def _kernels(times) -> str:
+    return " + ".join(dict.fromkeys(t.op_type for t in times))
 
 
 def _unsupported(graph: onnx.GraphProto, node: onnx.NodeProto, made_by) -> str | None:
@@ -333,8 +356,9 @@ def _unsupported(graph: onnx.GraphProto, node: onnx.NodeProto, made_by) -> str |
     return None
 
 
-def _apply(model: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> None:
-    """Rewrite the given sites in place."""
+def _apply(model: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> dict[str, list[str]]:
+    """Rewrite the given sites in place. Returns, for each node the rewrite made, the sites (their `node`)
+    it serves: what the latency guard charges its kernel time to."""
     if any(s.op_type == "LSTM" for s in sites):
         qdq.ensure_domain(model, MS_DOMAIN)
     names = NameGenerator(model)
@@ -344,9 +368,13 @@ def _apply(model: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> None:
     graphs = list(enumerate(iter_graphs(model.graph)))
     # Innermost first: rebuilding a graph's node list copies its nodes, and so detaches the bodies they
     # hold from any reference taken before; bodies are therefore finished before their owners are rebuilt.
+    charges: dict[str, list[str]] = {}
     for index, graph in reversed(graphs):
         if index in by_graph:
-            _GraphRewriter(graph, names, fmt).rewrite(by_graph[index])
+            rewriter = _GraphRewriter(graph, names, fmt)
+            rewriter.rewrite(by_graph[index])
+            charges.update(rewriter.charges)
+    return charges
 
 
 class _GraphRewriter:
@@ -358,13 +386,21 @@ class _GraphRewriter:
         self.weights: dict[tuple[str, bool, float], tuple[str, str]] = {}
         self.recurrent: dict[str, tuple[str, str, str]] = {}
         self.activations: dict[str, tuple[str, str, str]] = {}
+        self.quantizers: dict[str, str] = {}  # activation -> its DynamicQuantizeLinear node
+        self.charges: dict[str, list[str]] = {}  # node made -> the sites it serves
 
     def rewrite(self, sites: dict[str, _Site]) -> None:
         old = {s.weight for s in sites.values()} | {s.recurrence for s in sites.values() if s.recurrence}
         nodes: list[onnx.NodeProto] = []
         for node in self.graph.node:
             if node.output and _key(node) in sites:
-                nodes.extend(self._lstm(node) if node.op_type == "LSTM" else self._replacement(node))
+                made = self._lstm(node) if node.op_type == "LSTM" else self._replacement(node)
+                site = sites[_key(node)].node
+                for n in made:
+                    self.charges.setdefault(n.name, []).append(site)
+                if node.op_type != "LSTM" and (shared := self.quantizers[node.input[0]]) not in {n.name for n in made}:
+                    self.charges[shared].append(site)
+                nodes.extend(made)
                 old.update(node.input[2:3])
             else:
                 nodes.append(node)
@@ -416,7 +452,8 @@ class _GraphRewriter:
     def _activation(self, x: str, new: list[onnx.NodeProto]) -> tuple[str, str, str]:
         if x not in self.activations:
             outs = (self.names(f"{x}_quantized"), self.names(f"{x}_scale"), self.names(f"{x}_zero_point"))
-            new.append(helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=self.names(f"{x}_DynamicQuantizeLinear")))
+            self.quantizers[x] = self.names(f"{x}_DynamicQuantizeLinear")
+            new.append(helper.make_node("DynamicQuantizeLinear", [x], list(outs), name=self.quantizers[x]))
             self.activations[x] = outs
         return self.activations[x]
 

@@ -32,9 +32,10 @@ def vi(name, shape, elem=TP.FLOAT):
 
 def quantize(model, feeds=None, **options):
     """Run the pass on a copy; the accuracy fallback is off unless asked for (the default budget's top-1
-    floor would judge random tiny graphs)."""
+    floor would judge random tiny graphs), and so is the latency guard (tiny graphs run faster in float,
+    and a real profile would make the test depend on the machine)."""
     after = copy_model(model)
-    return after, run_pass(QuantizeDynamic(**{"fallback": False, **options}), after, feeds)
+    return after, run_pass(QuantizeDynamic(**{"fallback": False, "latency_fallback": False, **options}), after, feeds)
 
 
 def assert_close(before, after, feeds, min_cosine=0.99):
@@ -243,14 +244,14 @@ def test_sensitive_node_returns_to_float():
         f["o"][:, 0] *= 1000.0
     ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=Budget(min_cosine=0.99, min_top1=None))
     after = copy_model(model)
-    result = QuantizeDynamic().run(after, ctx)
+    result = QuantizeDynamic(latency_fallback=False).run(after, ctx)
     assert result.details["quantized"] == {"MatMul": 1}
     assert kept(result)["outlier"][0] == "sensitive"
     assert [n.op_type for n in after.graph.node].count("MatMul") == 1
     assert Budget(min_cosine=0.99, min_top1=None).violation(ort_outputs(model, feeds), ort_outputs(after, feeds)) is None
     # without the fallback the pass keeps everything quantized and says it is over budget
     after = copy_model(model)
-    result = QuantizeDynamic(fallback=False).run(after, ctx)
+    result = QuantizeDynamic(fallback=False, latency_fallback=False).run(after, ctx)
     assert result.details["quantized"] == {"MatMul": 2} and "over budget" in result.notes[-1]
 
 
@@ -353,7 +354,7 @@ def test_lstm_latency_guard_uses_the_node_profile(monkeypatch, quantized_ms, kep
 
     monkeypatch.setattr(profiling, "node_times", node_times)
     model = lstm_model()
-    after, result = quantize(model)
+    after, result = quantize(model, latency_fallback=True)
     assert result.changed is kept_quantized
     assert op_types(after) == (["DynamicQuantizeLSTM"] if kept_quantized else ["LSTM"])
     if not kept_quantized:
@@ -387,3 +388,73 @@ def test_lstms_sharing_weights_quantize_them_once():
     assert list(a.input[1:3]) == list(b.input[1:3]) and list(a.input[8:]) == list(b.input[8:])
     assert sum(t.data_type == TP.INT8 and len(t.dims) == 3 for t in after.graph.initializer) == 2
     assert_close(model, after, feeds)
+
+
+def two_readers_model():
+    """x -> MatMul 'q' (Wq) -> yq and x -> MatMul 'k' (Wk) -> yk: one DynamicQuantizeLinear serves both."""
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["yq"], name="q"), helper.make_node("MatMul", ["x", "wk"], ["yk"], name="k")]
+    return make_model(nodes, [vi("x", [2, 8, 64])], [vi("yq", [2, 8, 64]), vi("yk", [2, 8, 64])], [weight("wq", [64, 64]), weight("wk", [64, 64])])
+
+
+def stub_profile(monkeypatch, float_ms: dict[str, float], quantized_ms: dict[str, float]):
+    """onnxruntime's per-node profile replaced: ms per node name, from `quantized_ms` for a model holding a
+    MatMulInteger, else from `float_ms`. A node absent from the dict does not run (as if fused away)."""
+    from graphopt import profiling
+
+    def node_times(model, feeds, settings, rounds=10):
+        times = quantized_ms if any(n.op_type == "MatMulInteger" for n in model.graph.node) else float_ms
+        return [profiling.NodeTime(n.name, n.op_type, times[n.name]) for n in model.graph.node if n.name in times]
+
+    monkeypatch.setattr(profiling, "node_times", node_times)
+
+
+@pytest.mark.parametrize("integer_ms, kept_quantized", [(0.7, True), (0.85, False)])
+def test_matmul_latency_guard_splits_a_shared_activation_quantizer(monkeypatch, integer_ms, kept_quantized):
+    """Float MatMul 1 ms each; quantized: MatMulInteger `integer_ms` each plus half of the shared 0.4 ms
+    DynamicQuantizeLinear: 0.9 ms is kept, 1.05 ms goes back to float with the kernels named."""
+    quantized = {"q_MatMulInteger": integer_ms, "k_MatMulInteger": integer_ms, "x_DynamicQuantizeLinear": 0.4}
+    stub_profile(monkeypatch, {"q": 1.0, "k": 1.0}, quantized)
+    after, result = quantize(two_readers_model(), latency_fallback=True)
+    assert result.changed is kept_quantized
+    if kept_quantized:
+        assert op_types(after).count("DynamicQuantizeLinear") == 1 and op_types(after).count("MatMulInteger") == 2
+    else:
+        assert op_types(after) == ["MatMul", "MatMul"]
+        detail = "DynamicQuantizeLinear + MatMulInteger 1.050 ms vs MatMul 1.000 ms per run (onnxruntime profile)"
+        assert kept(result) == {"q": ("slower", detail), "k": ("slower", detail)}
+
+
+@pytest.mark.parametrize("add_fused, kept_quantized", [(True, True), (False, False)])
+def test_matmul_latency_guard_counts_a_bias_add_fused_into_the_integer_kernel(monkeypatch, add_fused, kept_quantized):
+    """x -> MatMul 'mm' (0.8 ms) -> Add 'bias' (0.3 ms); quantized, MatMulInteger takes 1.0 ms. When the
+    Add no longer runs (fused into the integer kernel) the comparison is 1.0 against 1.1 ms: kept. When it
+    still runs it is 1.0 against 0.8 ms: float."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Add", ["h", "b"], ["y"], name="bias")]
+    model = make_model(nodes, [vi("x", [2, 8, 64])], [vi("y", [2, 8, 64])], [weight("w", [64, 64]), weight("b", [64])])
+    stub_profile(monkeypatch, {"mm": 0.8, "bias": 0.3}, {"mm_MatMulInteger": 1.0, **({} if add_fused else {"bias": 0.3})})
+    after, result = quantize(model, latency_fallback=True)
+    assert result.changed is kept_quantized
+    assert ("MatMulInteger" in op_types(after)) is kept_quantized
+    if not kept_quantized:
+        assert kept(result)["mm"] == ("slower", "MatMulInteger 1.000 ms vs MatMul 0.800 ms per run (onnxruntime profile)")
+
+
+def test_matmul_latency_guard_leaves_a_node_the_float_profile_does_not_show(monkeypatch):
+    """The float MatMul ran fused into a kernel named otherwise: there is nothing to compare, so the
+    quantized node stays even though its kernel is slow."""
+    stub_profile(monkeypatch, {"other": 1.0}, {"mm_MatMulInteger": 5.0})
+    after, result = quantize(matmul_model(), latency_fallback=True)
+    assert result.changed and kept(result) == {}
+
+
+def test_fused_dynamic_matmul_is_named_after_its_matmulinteger_node():
+    """What the latency guard relies on: onnxruntime's real profile names the fused integer kernel after
+    the MatMulInteger node this pass writes (`<node>_MatMulInteger`)."""
+    from graphopt import profiling
+    from graphopt.runtime import RuntimeSettings
+
+    model = matmul_model()
+    feeds = seeded_feeds(model)
+    after, _ = quantize(model, feeds)
+    times = profiling.node_times(after, feeds, RuntimeSettings(level="all"), rounds=1)
+    assert ("mm_MatMulInteger", "DynamicQuantizeMatMul") in {(t.name, t.op_type) for t in times}
