@@ -83,11 +83,11 @@ class PassContext:
         Passes use this to back off before the pipeline checks the held-out validation feeds."""
         return self.budget.violation(reference, self.outputs(model), self.calibration_labels)
 
-    def node_times(self, model: onnx.ModelProto) -> list[profiling.NodeTime]:
-        """onnxruntime's per-node profile of `model` at the target settings (level all, `threads`), on two
-        calibration feeds: what latency guards compare kernel by kernel."""
+    def node_times(self, models: list[onnx.ModelProto]) -> list[list[profiling.NodeTime]]:
+        """onnxruntime's per-node profile of each of `models` at the target settings (level all, `threads`),
+        on two calibration feeds, the models run in turn: what latency guards compare kernel by kernel."""
         settings = RuntimeSettings(level="all", threads=self.threads, memory_arena=True)
-        return profiling.node_times(model, self.calibration[:2], settings, rounds=5)
+        return profiling.node_times(models, self.calibration[:2], settings, rounds=5)
 
     def latency(self, models: list[tuple[str, onnx.ModelProto]]) -> list[Timing]:
         """Interleaved timings of `models` at the target settings (all optimizations, `threads`);

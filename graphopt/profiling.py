@@ -1,7 +1,7 @@
 """What onnxruntime really runs: per-node kernel times from its profiler, and the graph after its fusions.
 
-`node_times` turns on onnxruntime's profiler (RuntimeSettings.profile_prefix) and averages the kernel time of
-each node over the measured runs; `output_bytes` reads the output shapes it records. `optimized_graph` saves the graph onnxruntime executes
+`node_times` turns on onnxruntime's profiler (RuntimeSettings.profile_prefix) for models run in turn and
+averages the kernel time of each node over the measured runs; `output_bytes` reads the output shapes it records. `optimized_graph` saves the graph onnxruntime executes
 (RuntimeSettings.optimized_model_path) and loads it back; `unfused_chains` and `fused_op_counts` read it to
 tell which quantized (DequantizeLinear -> op -> QuantizeLinear) groups became integer kernels.
 
@@ -62,12 +62,15 @@ class UnfusedChain:
     q: str
 
 
-def node_times(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings, rounds: int = 10) -> list[NodeTime]:
-    """Mean kernel time per run of every node onnxruntime executes at `settings` (names and op types of the
-    optimized graph), slowest first. One warm-up run (not counted), then `rounds` passes over `feeds`."""
+def node_times(models: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings, rounds: int = 10) -> list[list[NodeTime]]:
+    """For each of `models`, the mean kernel time per run of every node onnxruntime executes at `settings`
+    (names and op types of the optimized graph), slowest first. One warm-up run each (not counted), then
+    `rounds` passes over `feeds` with the models taking turns run by run, as `bench` times them: on a
+    shared machine whose speed drifts by a third within a minute, profiles taken one after the other
+    compare the machine's moments, not the kernels."""
     if not feeds:
         raise ValueError("node_times needs at least one feed")
-    return _mean_kernel_times(_profile_events(_named(model), feeds, settings, rounds), runs=rounds * len(feeds))
+    return [_mean_kernel_times(events, runs=rounds * len(feeds)) for events in _profile_events([_named(m) for m in models], feeds, settings, rounds)]
 
 
 def output_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int = 0) -> dict[str, int]:
@@ -77,7 +80,8 @@ def output_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: i
     named = _named(model)
     outputs = {node.name: [o for o in node.output if o] for node in named.graph.node}
     sizes: dict[str, int] = {}
-    for e in _profile_events(named, [feed], RuntimeSettings(threads=threads), rounds=0):
+    [events] = _profile_events([named], [feed], RuntimeSettings(threads=threads), rounds=0)
+    for e in events:
         name = e.get("name", "")
         if e.get("cat") != "Node" or not name.endswith(_KERNEL):
             continue
@@ -95,18 +99,22 @@ _KERNEL = "_kernel_time"
 _ITEMSIZE = {"double": 8, "int64": 8, "uint64": 8, "int32": 4, "uint32": 4, "float16": 2, "bfloat16": 2, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}  # profiler dtype names; others 4
 
 
-def _profile_events(named: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings, rounds: int) -> list[dict]:
-    """onnxruntime's profiler events of one warm-up run on the first feed, then `rounds` passes over
-    `feeds`."""
+def _profile_events(named: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings, rounds: int) -> list[list[dict]]:
+    """onnxruntime's profiler events of each model: one warm-up run on the first feed, then `rounds`
+    passes over `feeds`, the models taking turns run by run."""
     with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
-        profiled = dataclasses.replace(settings, profile_prefix=os.path.join(tmp, "profile"))
-        sess = runtime.session(named, profiled)
-        runtime.run(sess, feeds[0])
+        sessions = [runtime.session(m, dataclasses.replace(settings, profile_prefix=os.path.join(tmp, f"profile{k}"))) for k, m in enumerate(named)]
+        for sess in sessions:
+            runtime.run(sess, feeds[0])
         for _ in range(rounds):
             for feed in feeds:
-                runtime.run(sess, feed)
-        with open(sess.end_profiling()) as f:
-            return json.load(f)
+                for sess in sessions:
+                    runtime.run(sess, feed)
+        events = []
+        for sess in sessions:
+            with open(sess.end_profiling()) as f:
+                events.append(json.load(f))
+        return events
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:

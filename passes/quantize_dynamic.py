@@ -320,7 +320,7 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
             node.name = _key(node)  # the site's name, which the quantized nodes are named after
     quantized = copy_model(named)
     charges = _apply(quantized, main, _Format(True, 8))
-    float_times, quant_times = ctx.node_times(named), ctx.node_times(quantized)
+    float_times, quant_times = ctx.node_times([named, quantized])
     quant_names = {t.name for t in quant_times}
     readers = consumers(named.graph)
     slower = set()

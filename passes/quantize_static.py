@@ -399,9 +399,8 @@ class QuantizeStatic(Pass):
         return self._return(builder.plan, units, {u.name for u in ranked[:returned]}, "sensitive", detail), None
 
     def _faster_only(self, builder: Builder, units: list[Unit], dtype, ctx: PassContext) -> list[Unit]:
-        float_times = ctx.node_times(builder.plan.model)
         quant_model = builder.build(units, dtype)
-        quant_times = ctx.node_times(quant_model)
+        float_times, quant_times = ctx.node_times([builder.plan.model, quant_model])
         judged = [u for u in units if u.op_type in WEIGHTED]
         slower = slower_units(judged, float_times, quant_times, charges(builder.plan.model, quant_model, units))
         detail = {name: f"{q:.3f} ms quantized vs {f:.3f} ms float" for name, (q, f) in slower.items()}

@@ -349,8 +349,8 @@ def test_lstm_latency_guard_uses_the_node_profile(monkeypatch, quantized_ms, kep
     """Stubbed profile: the LSTM kernel takes 1 ms, DynamicQuantizeLSTM `quantized_ms`."""
     from graphopt import profiling
 
-    def node_times(model, feeds, settings, rounds=10):
-        return [profiling.NodeTime(n.name, n.op_type, quantized_ms if n.op_type == "DynamicQuantizeLSTM" else 1.0) for n in model.graph.node]
+    def node_times(models, feeds, settings, rounds=10):
+        return [[profiling.NodeTime(n.name, n.op_type, quantized_ms if n.op_type == "DynamicQuantizeLSTM" else 1.0) for n in m.graph.node] for m in models]
 
     monkeypatch.setattr(profiling, "node_times", node_times)
     model = lstm_model()
@@ -401,9 +401,12 @@ def stub_profile(monkeypatch, float_ms: dict[str, float], quantized_ms: dict[str
     MatMulInteger, else from `float_ms`. A node absent from the dict does not run (as if fused away)."""
     from graphopt import profiling
 
-    def node_times(model, feeds, settings, rounds=10):
+    def profile(model):
         times = quantized_ms if any(n.op_type == "MatMulInteger" for n in model.graph.node) else float_ms
         return [profiling.NodeTime(n.name, n.op_type, times[n.name]) for n in model.graph.node if n.name in times]
+
+    def node_times(models, feeds, settings, rounds=10):
+        return [profile(m) for m in models]
 
     monkeypatch.setattr(profiling, "node_times", node_times)
 
@@ -456,5 +459,5 @@ def test_fused_dynamic_matmul_is_named_after_its_matmulinteger_node():
     model = matmul_model()
     feeds = seeded_feeds(model)
     after, _ = quantize(model, feeds)
-    times = profiling.node_times(after, feeds, RuntimeSettings(level="all"), rounds=1)
+    [times] = profiling.node_times([after], feeds, RuntimeSettings(level="all"), rounds=1)
     assert ("mm_MatMulInteger", "DynamicQuantizeMatMul") in {(t.name, t.op_type) for t in times}

@@ -119,14 +119,24 @@ def test_node_times_of_a_two_node_graph():
         [helper.make_tensor_value_info("x", TP.FLOAT, [64, 64])],
         [helper.make_tensor_value_info("y", TP.FLOAT, [64, 64])],
     )
-    times = node_times(model, seeded_feeds(model, n=2), ALL, rounds=3)
+    [times] = node_times([model], seeded_feeds(model, n=2), ALL, rounds=3)
     assert sorted((t.name, t.op_type) for t in times) == [("cos", "Cos"), ("sin", "Sin")]
     assert all(isinstance(t, NodeTime) and t.ms >= 0 for t in times)
 
 
+def test_node_times_profiles_each_model_in_order():
+    """Two models run in turn: each profile holds its own model's nodes, in the order the models came."""
+    def unary(op):
+        return make_model([helper.make_node(op, ["x"], ["y"], name=op.lower())], [helper.make_tensor_value_info("x", TP.FLOAT, [64, 64])], [helper.make_tensor_value_info("y", TP.FLOAT, [64, 64])])
+
+    sin, tanh = unary("Sin"), unary("Tanh")
+    profiles = node_times([sin, tanh, sin], seeded_feeds(sin, n=2), ALL, rounds=2)
+    assert [[(t.name, t.op_type) for t in p] for p in profiles] == [[("sin", "Sin")], [("tanh", "Tanh")], [("sin", "Sin")]]
+
+
 def test_node_times_needs_feeds():
     with pytest.raises(ValueError, match="at least one feed"):
-        node_times(qdq_unary_model("Sin"), [], ALL)
+        node_times([qdq_unary_model("Sin")], [], ALL)
 
 
 def test_kernel_times_skip_the_warm_up_run_and_average_per_run():
