@@ -308,7 +308,8 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
     (onnxruntime names DynamicQuantizeMatMul / MatMulIntegerToFloat after the MatMulInteger node it fuses),
     a DynamicQuantizeLinear shared by several sites split evenly among them. Float side: the site's node,
     under its name or a fusion's name built on it ("mm/MatMulAddFusion"), plus the nodes reading its output
-    that the quantized profile no longer has (a bias Add fused into the integer kernel). A site the float
+    that the quantized profile no longer has (a bias Add fused into the integer kernel; not another site,
+    which is gone because it was rewritten). A site the float
     profile does not show (fused into something else) is not judged."""
     main = [s for s in sites if s.graph == 0]
     if not main or not ctx.calibration:
@@ -321,14 +322,14 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
     quantized = copy_model(named)
     charges = _apply(quantized, main, _Format(True, 8))
     float_times, quant_times = ctx.node_times([named, quantized])
-    quant_names = {t.name for t in quant_times}
+    quant_names, site_names = {t.name for t in quant_times}, {s.node for s in main}
     readers = consumers(named.graph)
     slower = set()
     for s in main:
         mine = [t for t in float_times if t.name == s.node or t.name.startswith(s.node + "/")]
         if not mine:
             continue
-        fused_away = {r.name for r in readers.get(s.output, []) if r.name and r.name not in quant_names}
+        fused_away = {r.name for r in readers.get(s.output, []) if r.name and r.name not in quant_names and r.name not in site_names}
         f = sum(t.ms for t in mine) + sum(t.ms for t in float_times if t.name in fused_away)
         charged = [(t, len(charges[t.name])) for t in quant_times if s.node in charges.get(t.name, ())]
         q = sum(t.ms / shared for t, shared in charged)

@@ -442,6 +442,17 @@ def test_matmul_latency_guard_counts_a_bias_add_fused_into_the_integer_kernel(mo
         assert kept(result)["mm"] == ("slower", "MatMulInteger 1.000 ms vs MatMul 0.800 ms per run (onnxruntime profile)")
 
 
+def test_matmul_latency_guard_does_not_count_a_rewritten_reader_as_fused(monkeypatch):
+    """x -> MatMul 'a' -> MatMul 'b' -> y, both 1.0 ms in float. Quantized, 'b' no longer runs under its
+    own name because it was rewritten, not because 'a' absorbed it: 'a' at 1.2 ms is slower than 1.0 ms."""
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["h"], name="a"), helper.make_node("MatMul", ["h", "wb"], ["y"], name="b")]
+    model = make_model(nodes, [vi("x", [2, 8, 64])], [vi("y", [2, 8, 64])], [weight("wa", [64, 64]), weight("wb", [64, 64])])
+    stub_profile(monkeypatch, {"a": 1.0, "b": 1.0}, {"a_MatMulInteger": 1.2, "b_MatMulInteger": 0.5})
+    after, result = quantize(model, latency_fallback=True)
+    assert list(kept(result)) == ["a"] and result.details["quantized"] == {"MatMul": 1}
+    assert [n.name for n in after.graph.node if n.op_type == "MatMul"] == ["a"]
+
+
 def test_matmul_latency_guard_leaves_a_node_the_float_profile_does_not_show(monkeypatch):
     """The float MatMul ran fused into a kernel named otherwise: there is nothing to compare, so the
     quantized node stays even though its kernel is slow."""
