@@ -67,10 +67,12 @@ def node_times(models: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray]]
     (names and op types of the optimized graph), slowest first. One warm-up run each (not counted), then
     `rounds` passes over `feeds` with the models taking turns run by run, as `bench` times them: on a
     shared machine whose speed drifts by a third within a minute, profiles taken one after the other
-    compare the machine's moments, not the kernels."""
+    compare the machine's moments, not the kernels. Thread spinning is off, as in `bench`: a session that
+    has just run would otherwise keep its threads spinning through the next one's run."""
     if not feeds:
         raise ValueError("node_times needs at least one feed")
-    return [_mean_kernel_times(events, runs=rounds * len(feeds)) for events in _profile_events([_named(m) for m in models], feeds, settings, rounds)]
+    taking_turns = dataclasses.replace(settings, spinning=False)
+    return [_mean_kernel_times(events, runs=rounds * len(feeds)) for events in _profile_events([_named(m) for m in models], feeds, taking_turns, rounds)]
 
 
 def output_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int = 0) -> dict[str, int]:

@@ -134,6 +134,24 @@ def test_node_times_profiles_each_model_in_order():
     assert [[(t.name, t.op_type) for t in p] for p in profiles] == [[("sin", "Sin")], [("tanh", "Tanh")], [("sin", "Sin")]]
 
 
+def test_node_times_sessions_do_not_spin(monkeypatch):
+    """Sessions that take turns run without thread spinning (a spinning idle session steals the cores the
+    running one is measured on), whatever the settings asked for."""
+    from graphopt import runtime
+
+    made = []
+    real_session = runtime.session
+
+    def session(model, settings=runtime.RuntimeSettings(), what="model"):
+        made.append(settings)
+        return real_session(model, settings, what)
+
+    monkeypatch.setattr(runtime, "session", session)
+    model = qdq_unary_model("Sin")
+    node_times([model, model], seeded_feeds(model, n=1), ALL, rounds=1)
+    assert len(made) == 2 and ALL.spinning and not any(s.spinning for s in made)
+
+
 def test_node_times_needs_feeds():
     with pytest.raises(ValueError, match="at least one feed"):
         node_times([qdq_unary_model("Sin")], [], ALL)
