@@ -16,6 +16,7 @@ LOSSLESS = [
     "fold-constants",
     "simplify-reshapes",
     "fold-batchnorm",
+    "fuse-hard-sigmoid",
     "fold-shared-weights",
     "merge-duplicate-nodes",
     "remove-dead-code",
