@@ -1,6 +1,6 @@
 """fuse-hard-sigmoid: the hard sigmoid and hard swish that exporters spell out in arithmetic, as HardSigmoid.
 
-Rewrites (every graph; x is any tensor, the constants are one-element initializers):
+Rewrites (every graph; x is any tensor of rank >= 1, the constants are initializers of shape [] or [1]):
   Div(Clip(Add(x, 3), 0, 6), 6)             => HardSigmoid(x, alpha=1/6, beta=0.5)            (hard sigmoid)
   Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)     => Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))   (hard swish)
   with Mul(., 1/6) for Div(., 6), operands of Add and Mul in either order, Clip's bounds as inputs
@@ -122,8 +122,9 @@ def _is(node: onnx.NodeProto, op_type: str) -> bool:
 
 
 def _scalar(graph: onnx.GraphProto, name: str) -> float | None:
+    """A floating constant of shape [] or [1] (a higher rank could broadcast x to more dims), else None."""
     value = constant_value(graph, name) if name else None
-    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+    if value is None or value.size != 1 or value.ndim > 1 or not np.issubdtype(value.dtype, np.floating):
         return None
     return float(value.reshape(()))
 

@@ -89,6 +89,15 @@ def test_other_constants_are_not_the_pattern():
     assert not result.changed and result.refused == [] and op_types(model) == ["Add", "Clip", "Mul", "Div"]
 
 
+def test_a_constant_that_could_broadcast_to_more_dims_is_not_the_pattern():
+    """Add(x, 3 of shape [1, 1, 1, 1, 1]) would make the result rank 5: HardSigmoid(x) would not."""
+    model = hard_swish_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.full([1] * 5, 3, np.float32), "three_5d"))
+    model.graph.node[0].input[1] = "three_5d"
+    result = fuse(model, compare=False)
+    assert not result.changed and op_types(model) == ["Add", "Clip", "Mul", "Div"]
+
+
 def test_a_hard_swish_inside_an_if_body_is_fused():
     """The then-branch computes the hard swish of the outer x; the else-branch returns x."""
     body_nodes = [
