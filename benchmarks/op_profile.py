@@ -7,6 +7,10 @@ products (Conv, MatMul, Gemm, LSTM and their fusions); everything else (attentio
 activations, data movement) runs as before. The last lines give that split and the whole model's
 speed-up if the matrix products ran 2x faster than fp32 with the rest unchanged.
 
+The fp32 side is the lossless preset run on the calibration feeds, as quantize.py's "fp32 clean" row. It
+validates on all of them, while the preset validates on its held-out half, so a clean-up step close to its
+tolerance can be kept in one and not the other (PP-OCRv4 rec's BatchNorm folding: rolled back on 64 feeds).
+
     python benchmarks/op_profile.py --models minilm
     python benchmarks/op_profile.py --models ppocr-rec yolov8n captcha minilm --preset int8 --rounds 20
 """
