@@ -115,21 +115,33 @@ def ocr_scored(count: int) -> tuple[list[Feed], tuple[list[str], list[str]]]:
     return [{"x": lines[i : i + 1]} for i in range(count)], (texts, characters)
 
 
+def ocr_texts(outputs: list[dict], characters: list[str]) -> list[str]:
+    """Greedy CTC decoding of PP-OCR's [1, T, classes] output."""
+    return [tasks.ctc_greedy_decode(next(iter(o.values())), characters)[0] for o in outputs]
+
+
 def ocr_score(outputs: list[dict], reference: list[dict], truth: tuple[list[str], list[str]]) -> dict:
-    truth, characters = truth
-    predicted = [tasks.ctc_greedy_decode(next(iter(o.values())), characters)[0] for o in outputs]
-    return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
+    texts, characters = truth
+    return text_scores(ocr_texts(outputs, characters), texts)
 
 
 def ocr_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
     """Character accuracy on the calibration lines' own texts may drop by at most 1 point."""
     characters = tasks.ocr_characters(onnx.load(str(models.ppocr_rec_path()), load_external_data=False))
-    texts = models.sentence_snippets(len(calibration))
+    return text_budget(models.sentence_snippets(len(calibration)), lambda outputs: ocr_texts(outputs, characters))
+
+
+def text_scores(predicted: list[str], truth: list[str]) -> dict:
+    return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
+
+
+def text_budget(texts: list[str], read: Callable[[list[dict]], list[str]]) -> tuple[list[np.ndarray], Budget]:
+    """A recognizer's budget: character accuracy of `read(outputs)` against the calibration feeds' own
+    `texts` may drop by at most 1 point. The texts travel as the feeds' labels (code points)."""
     labels = [np.array([ord(c) for c in text], np.int32) for text in texts]
 
     def character_accuracy(outputs: list[dict], labels: list[np.ndarray]) -> float:
-        predicted = [tasks.ctc_greedy_decode(next(iter(o.values())), characters)[0] for o in outputs]
-        return tasks.character_accuracy(predicted, ["".join(map(chr, label)) for label in labels])
+        return tasks.character_accuracy(read(outputs), ["".join(map(chr, label)) for label in labels])
 
     return labels, Budget(metric=character_accuracy, max_drop=0.01)
 
@@ -152,20 +164,14 @@ def captcha_texts(outputs: list[dict], characters: list[str]) -> list[str]:
 
 def captcha_score(outputs: list[dict], reference: list[dict], truth: tuple[list[str], list[str]]) -> dict:
     texts, characters = truth
-    predicted, truth = captcha_texts(outputs, characters), [t.lower() for t in texts]
-    return {"char_accuracy": tasks.character_accuracy(predicted, truth), "lines_exact": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
+    return text_scores(captcha_texts(outputs, characters), [t.lower() for t in texts])
 
 
 def captcha_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
-    """Character accuracy on the calibration captchas' own texts may drop by at most 1 point."""
+    """Character accuracy on the calibration captchas' own texts (case folded) may drop by at most 1 point."""
     characters = models.captcha_characters()
-    texts = models.captchas(len(calibration), seed=0)[0]
-    labels = [np.array([ord(c) for c in text.lower()], np.int32) for text in texts]
-
-    def character_accuracy(outputs: list[dict], labels: list[np.ndarray]) -> float:
-        return tasks.character_accuracy(captcha_texts(outputs, characters), ["".join(map(chr, label)) for label in labels])
-
-    return labels, Budget(metric=character_accuracy, max_drop=0.01)
+    texts = [t.lower() for t in models.captchas(len(calibration), seed=0)[0]]
+    return text_budget(texts, lambda outputs: captcha_texts(outputs, characters))
 
 
 def yolo_budget(calibration: list[Feed], preset: str) -> tuple[list[np.ndarray], Budget]:
