@@ -28,7 +28,7 @@ from graphopt import runtime
 from graphopt.graph import NameGenerator, consumers, copy_model, producers
 from graphopt.runtime import RuntimeSettings
 
-# Integer kernels onnxruntime runs for quantized groups (besides every op named QLinear*).
+# Integer kernels onnxruntime runs for quantized groups (besides every op named QLinear*): see is_integer_kernel.
 INTEGER_OPS = frozenset(
     {
         "QGemm",
@@ -198,8 +198,12 @@ def unfused_chains(optimized: onnx.ModelProto) -> list[UnfusedChain]:
     return chains
 
 
+def is_integer_kernel(op_type: str) -> bool:
+    """Whether `op_type` is one of onnxruntime's integer kernels (QLinear*, QGemm, MatMulIntegerToFloat,
+    DynamicQuantizeLSTM, MatMulNBits, ...)."""
+    return op_type.startswith("QLinear") or op_type in INTEGER_OPS
+
+
 def fused_op_counts(optimized: onnx.ModelProto) -> dict[str, int]:
-    """op_type -> count of the integer kernels (QLinear*, QGemm, MatMulIntegerToFloat, MatMulNBits, ...) in
-    onnxruntime's optimized graph; only those present."""
-    counts = Counter(n.op_type for n in optimized.graph.node if n.op_type.startswith("QLinear") or n.op_type in INTEGER_OPS)
-    return dict(counts)
+    """op_type -> count of the integer kernels in onnxruntime's optimized graph; only those present."""
+    return dict(Counter(n.op_type for n in optimized.graph.node if is_integer_kernel(n.op_type)))

@@ -30,16 +30,16 @@ from dataclasses import dataclass
 
 import onnx
 
+from graphopt import profiling
 from graphopt.graph import copy_model, iter_graphs
 from graphopt.passes_base import Pass, PassContext, PassResult, make_pass, register, registry
 
-QUANTIZED_OPS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulNBits", "MatMulIntegerToFloat"}
-)
+QUANTIZING_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
 def already_quantized(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node)
+    """Whether some node quantizes or dequantizes, or is an integer kernel."""
+    return any(n.op_type in QUANTIZING_OPS or profiling.is_integer_kernel(n.op_type) for g in iter_graphs(model.graph) for n in g.node)
 
 
 @register
