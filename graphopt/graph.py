@@ -121,6 +121,26 @@ def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
     return None
 
 
+def scalar_constant(graph: onnx.GraphProto, name: str) -> float | None:
+    """A floating initializer of shape [] or [1] as a float, else None. Pattern rewrites accept no higher
+    rank: a [1, 1, 1] constant would broadcast the other operand to more dims."""
+    value = constant_value(graph, name) if name else None
+    if value is None or value.size != 1 or value.ndim > 1 or not np.issubdtype(value.dtype, np.floating):
+        return None
+    return float(value.reshape(()))
+
+
+def is_op(node: onnx.NodeProto | None, op_type: str) -> bool:
+    """`node` exists and is the standard ONNX operator `op_type` (not a same-named op of another domain)."""
+    return node is not None and node.op_type == op_type and node.domain in STANDARD_DOMAINS
+
+
+def only_reader(read_by: dict[str, list[onnx.NodeProto]], name: str) -> onnx.NodeProto | None:
+    """The one node reading `name` (from a `consumers` map), or None when there are none or several."""
+    readers = read_by.get(name, [])
+    return readers[0] if len(readers) == 1 else None
+
+
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Make every reader of `old` (in this graph and nested bodies) read `new` instead.
 

@@ -46,7 +46,7 @@ class GraphFacts:
         if not seen:
             return f"{name} was not observed (no calibration feeds)"
         if any(len(s) != len(dims) or any(d is not None and d != o for d, o in zip(dims, s)) for s in seen):
-            return f"inferred shape {_show(dims)} of {name} disagrees with the observed {sorted(seen)}"
+            return f"inferred shape {show_dims(dims)} of {name} disagrees with the observed {sorted(seen)}"
         return dims
 
     def rank_shape(self, name: str) -> Dims | str:
@@ -64,7 +64,7 @@ class GraphFacts:
         return [None] * len(next(iter(seen)))
 
 
-def _show(dims: Dims) -> str:
+def show_dims(dims: Dims) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.graph import NameGenerator, STANDARD_DOMAINS, attribute, constant_value, consumers, iter_graphs, output_names, producers
+from graphopt.graph import NameGenerator, attribute, consumers, is_op, iter_graphs, output_names, producers, scalar_constant
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 ALPHA, BETA = 1.0 / 6.0, 0.5
@@ -73,14 +73,14 @@ def _matches(graph: onnx.GraphProto, refused: list[str]) -> list[_Match]:
     made_by, read_by, outputs = producers(graph), consumers(graph), output_names(graph)
     found = []
     for clip in graph.node:
-        if not _is(clip, "Clip") or not _clips_to(graph, clip, 0.0, 6.0):
+        if not is_op(clip, "Clip") or not _clips_to(graph, clip, 0.0, 6.0):
             continue
         add = made_by.get(clip.input[0])
-        x = _other_operand(graph, add, 3.0) if add is not None and _is(add, "Add") else None
+        x = _other_operand(graph, add, 3.0) if add is not None and is_op(add, "Add") else None
         if x is None:
             continue
         gate = clip.output[0]
-        swish = next((r for r in read_by.get(gate, []) if _is(r, "Mul") and sorted(r.input) == sorted([x, gate])), None)
+        swish = next((r for r in read_by.get(gate, []) if is_op(r, "Mul") and sorted(r.input) == sorted([x, gate])), None)
         tail = (swish or clip).output[0]
         scale = next((r for r in read_by.get(tail, []) if _divides_by_six(graph, r, tail)), None)
         if scale is None:
@@ -120,45 +120,29 @@ def _replacement(m: _Match, names: NameGenerator) -> list[onnx.NodeProto]:
     ]
 
 
-def _is(node: onnx.NodeProto, op_type: str) -> bool:
-    return node.op_type == op_type and node.domain in STANDARD_DOMAINS
-
-
-def _scalar(graph: onnx.GraphProto, name: str) -> float | None:
-    """A floating constant of shape [] or [1] (a higher rank could broadcast x to more dims), else None."""
-    value = constant_value(graph, name) if name else None
-    if value is None or value.size != 1 or value.ndim > 1 or not np.issubdtype(value.dtype, np.floating):
-        return None
-    return float(value.reshape(()))
-
-
 def _clips_to(graph: onnx.GraphProto, clip: onnx.NodeProto, low: float, high: float) -> bool:
     """Clip's bounds are exactly `low` and `high`: attributes before opset 11, constant inputs after."""
     if any(a.name in ("min", "max") for a in clip.attribute):
         return attribute(clip, "min") == low and attribute(clip, "max") == high
     bounds = list(clip.input[1:3]) + [""] * (3 - len(clip.input))
-    return _scalar(graph, bounds[0]) == low and _scalar(graph, bounds[1]) == high
+    return scalar_constant(graph, bounds[0]) == low and scalar_constant(graph, bounds[1]) == high
 
 
 def _other_operand(graph: onnx.GraphProto, node: onnx.NodeProto, value: float) -> str | None:
     """Of a two-input node, the operand that is not the constant `value` (None when neither is)."""
     a, b = node.input
-    if _scalar(graph, b) == value:
+    if scalar_constant(graph, b) == value:
         return a
-    if _scalar(graph, a) == value:
+    if scalar_constant(graph, a) == value:
         return b
     return None
 
 
 def _divides_by_six(graph: onnx.GraphProto, node: onnx.NodeProto, operand: str) -> bool:
-    if _is(node, "Div"):
-        return node.input[0] == operand and _scalar(graph, node.input[1]) == 6.0
-    if _is(node, "Mul"):
-        factor = _scalar(graph, node.input[1] if node.input[0] == operand else node.input[0])
+    if is_op(node, "Div"):
+        return node.input[0] == operand and scalar_constant(graph, node.input[1]) == 6.0
+    if is_op(node, "Mul"):
+        factor = scalar_constant(graph, node.input[1] if node.input[0] == operand else node.input[0])
         return operand in node.input and factor is not None and np.float32(factor) == np.float32(1.0 / 6.0)
     return False
 
-
-def _only_reader(read_by: dict[str, list[onnx.NodeProto]], name: str) -> onnx.NodeProto | None:
-    readers = read_by.get(name, [])
-    return readers[0] if len(readers) == 1 else None

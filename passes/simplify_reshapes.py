@@ -62,13 +62,14 @@ from graphopt.graph import (
     attribute,
     constant_value,
     consumers,
+    is_op,
     iter_graphs,
     live_mask,
     output_names,
     producers,
     remove_nodes,
 )
-from graphopt.shapes import GraphFacts, all_graph_facts
+from graphopt.shapes import GraphFacts, all_graph_facts, show_dims
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 INT32_RANGE = (-(2**31), 2**31 - 1)
@@ -143,7 +144,7 @@ class ShapeVectors:
             return why
         if isinstance(dims, str):
             return f"{why} and its length is unproven: {dims}"
-        return f"{why} and its shape {_show(dims)} is not a known 0-D/1-D length"
+        return f"{why} and its shape {show_dims(dims)} is not a known 0-D/1-D length"
 
     def _shape(self, node: onnx.NodeProto, depth: int) -> Vector | str:
         dims = self.facts.shape(node.input[0])
@@ -248,16 +249,8 @@ def _at(node: onnx.NodeProto, reason: str) -> str:
     return f"{node.op_type} {node.name or node.output[0]}: {reason}"
 
 
-def _show(dims) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
-
-
 def _label(node: onnx.NodeProto) -> str:
     return f"{node.op_type} {node.name or '(unnamed)'} ({node.input[0]} -> {node.output[0]})"
-
-
-def _is(node: onnx.NodeProto | None, op: str) -> bool:
-    return node is not None and node.op_type == op and node.domain in STANDARD_DOMAINS
 
 
 # ---- case 1: a Reshape target computed at run time => constant ----
@@ -401,8 +394,8 @@ class _GraphRewriter:
         self.facts = facts
         vectors = ShapeVectors(self.graph, facts)
         refused: list[str] = []
-        for node in [n for n in self.graph.node if _is(n, "Reshape") and len(n.input) > 1]:
-            if _is(self.producers.get(node.input[1]), "Concat"):
+        for node in [n for n in self.graph.node if is_op(n, "Reshape") and len(n.input) > 1]:
+            if is_op(self.producers.get(node.input[1]), "Concat"):
                 refused += self.constant_target(node, vectors)
         return refused
 
@@ -416,9 +409,9 @@ class _GraphRewriter:
         self.live = {id(node) for node, alive in zip(nodes, live_mask(self.graph)) if alive}
         for node in nodes:
             first = self.producers.get(node.input[0]) if node.input else None
-            if _is(node, "Reshape") and _is(first, "Reshape"):
+            if is_op(node, "Reshape") and is_op(first, "Reshape"):
                 self.merge_reshapes(first, node)
-            elif node.op_type in ("Unsqueeze", "Squeeze") and node.domain in STANDARD_DOMAINS and _is(first, node.op_type):
+            elif node.op_type in ("Unsqueeze", "Squeeze") and node.domain in STANDARD_DOMAINS and is_op(first, node.op_type):
                 self.merge_axes(first, node)
         self.outcome.counts["nodes_removed"] += remove_nodes(self.graph, self.doomed)
 
