@@ -115,11 +115,14 @@ class ActivationCache:
         self._shapes: dict[str, set[tuple[int, ...]]] = {}
 
     def observed_shapes(self, model: onnx.ModelProto) -> dict[str, set[tuple[int, ...]]]:
-        """Tensor name -> the set of shapes it had across the feeds (main graph tensors and outputs).
-        Empty when there are no feeds to run."""
+        """Tensor name -> the set of shapes it had across the feeds (main graph inputs fed, node outputs and
+        graph outputs). Empty when there are no feeds to run."""
         if not self._feeds:
             return {}
-        names = list(dict.fromkeys(main_graph_tensors(model) + [o.name for o in model.graph.output]))
+        fed = [i.name for i in model.graph.input if all(i.name in feed for feed in self._feeds)]
+        for name in fed:
+            self._shapes[name] = {tuple(np.shape(feed[name])) for feed in self._feeds}
+        names = list(dict.fromkeys(fed + main_graph_tensors(model) + [o.name for o in model.graph.output]))
         missing = [n for n in names if n not in self._shapes]
         if missing:
             for n in missing:
