@@ -421,8 +421,11 @@ def graphopt_quantize(variant: Variant, original: onnx.ModelProto, calibration: 
     result = graphopt.optimize(original, data=feeds, max_feeds=len(calibration), threads=threads, budget=budget, **kwargs)
     variant.report = result.report
     lossless = set(presets()["lossless"])
-    last = {r.name: r for r in result.report.records if r.name not in lossless}  # the final round's word
-    variant.notes += [f"{r.name}: {r.status}{': ' + r.reason if r.reason else ''}" for r in last.values()]
+    said: dict[str, object] = {}  # per pass outside the lossless list: the round where it did something, else its last
+    for r in result.report.records:
+        if r.name not in lossless and (r.status != "no change" or r.name not in said):
+            said[r.name] = r
+    variant.notes += [f"{r.name}: {r.status}{': ' + r.reason if r.reason else ''}" for r in said.values()]
     return result.model
 
 
