@@ -4,7 +4,8 @@ graphopt's preset output, from one per-node profile with the two models run in t
 
 It answers what quantization can still win on a model: the integer kernels replace only the matrix
 products (Conv, MatMul, Gemm, LSTM and their fusions); everything else (attention glue, normalization,
-activations, data movement) runs as before. The last lines give that split and the whole model's
+activations, data movement) runs as before. A fused attention (MultiHeadAttention, from the presets'
+fuse-attention) counts as matrix products: it is the fp32 side's two batched MatMuls plus the glue it absorbed. The last lines give that split and the whole model's
 speed-up if the matrix products ran 2x faster than fp32 with the rest unchanged.
 
 The fp32 side is the lossless preset run on the calibration feeds, as quantize.py's "fp32 clean" row. It
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantize  # noqa: E402  (benchmarks/ is not a package)
 
 MATRIX_PRODUCTS = frozenset(
-    {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedMatMul", "FusedConv", "FusedGemm", "NchwcConv", "LSTM", "GRU", "RNN", "Attention"}
+    {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedMatMul", "FusedConv", "FusedGemm", "NchwcConv", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"}
     | {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulNBits", "MatMulInteger", "ConvInteger", "QAttention"}
 )
 
