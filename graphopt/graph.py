@@ -206,6 +206,23 @@ def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> in
     return len(positions)
 
 
+def splice(graph: onnx.GraphProto, rewrites: list[tuple[list[onnx.NodeProto], list[onnx.NodeProto]]]) -> None:
+    """Replace each (pattern nodes, new nodes) pair: the pattern's nodes go, the new nodes take the place of
+    its last one. That keeps the graph sorted when the new nodes read only what the pattern's last node
+    could (tensors defined before it). Rebuilding the node list copies the nodes, so bodies held by nodes
+    of `graph` must be finished first."""
+    doomed = {id(n) for old, _ in rewrites for n in old}
+    at_last = {id(old[-1]): new for old, new in rewrites}
+    rebuilt: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in at_last:
+            rebuilt.extend(at_last[id(node)])
+        elif id(node) not in doomed:
+            rebuilt.append(node)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+
+
 def attribute(node: onnx.NodeProto, name: str, default=None):
     """The value of attribute `name` of `node`, or `default` when the node does not set it."""
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.graph import NameGenerator, attribute, constant_value, consumers, default_opset, is_op, only_reader, output_names, producers, scalar_constant
+from graphopt.graph import NameGenerator, attribute, constant_value, consumers, default_opset, is_op, only_reader, output_names, producers, scalar_constant, splice
 from graphopt.passes.qdq import ensure_domain
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 from graphopt.shapes import GraphFacts, all_graph_facts, show_dims
@@ -339,7 +339,7 @@ def _mask_problem(a: _Attention, facts: GraphFacts) -> str | None:
 
 def _replace(graph: onnx.GraphProto, found: list[_Attention], names: NameGenerator) -> None:
     """Each replacement goes where its pattern's last node (the Transpose back) was: everything it reads is
-    defined before that."""
+    defined before that (graph.splice)."""
     flat = names("attention_merge_heads_shape")
     graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), flat))
     split_shapes: dict[tuple[int, int], str] = {}
@@ -348,16 +348,7 @@ def _replace(graph: onnx.GraphProto, found: list[_Attention], names: NameGenerat
         if key not in split_shapes:
             split_shapes[key] = names(f"attention_split_{a.heads}_heads_shape")
             graph.initializer.append(numpy_helper.from_array(np.array([0, 0, a.heads, a.v_head_size], np.int64), split_shapes[key]))
-    doomed = {id(n) for a in found for n in a.nodes}
-    at_last = {id(a.nodes[-1]): _replacement(a, flat, split_shapes[(a.heads, a.v_head_size)], names) for a in found}
-    rebuilt: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) in at_last:
-            rebuilt.extend(at_last[id(node)])
-        elif id(node) not in doomed:
-            rebuilt.append(node)
-    del graph.node[:]
-    graph.node.extend(rebuilt)
+    splice(graph, [(a.nodes, _replacement(a, flat, split_shapes[(a.heads, a.v_head_size)], names)) for a in found])
 
 
 def _replacement(a: _Attention, flat: str, split: str, names: NameGenerator) -> list[onnx.NodeProto]:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.graph import NameGenerator, attribute, consumers, is_op, iter_graphs, output_names, producers, scalar_constant
+from graphopt.graph import NameGenerator, attribute, consumers, is_op, iter_graphs, output_names, producers, scalar_constant, splice
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 ALPHA, BETA = 1.0 / 6.0, 0.5
@@ -61,7 +61,7 @@ class FuseHardSigmoid(Pass):
         for graph in reversed(list(iter_graphs(model.graph))):
             matches = _matches(graph, refused)
             if matches:
-                _replace(graph, matches, names)
+                splice(graph, [(m.nodes, _replacement(m, names)) for m in matches])
             for m in matches:
                 fused["hard_swish" if m.swish else "hard_sigmoid"] += 1
         changed = any(fused.values())
@@ -93,20 +93,6 @@ def _matches(graph: onnx.GraphProto, refused: list[str]) -> list[_Match]:
             continue
         found.append(_Match(chain, x, scale.output[0], swish is not None))
     return found
-
-
-def _replace(graph: onnx.GraphProto, matches: list[_Match], names: NameGenerator) -> None:
-    """Each replacement goes where its pattern's last node was (everything it reads is defined before)."""
-    doomed = {id(n) for m in matches for n in m.nodes}
-    at_last = {id(m.nodes[-1]): _replacement(m, names) for m in matches}
-    rebuilt: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) in at_last:
-            rebuilt.extend(at_last[id(node)])
-        elif id(node) not in doomed:
-            rebuilt.append(node)
-    del graph.node[:]
-    graph.node.extend(rebuilt)
 
 
 def _replacement(m: _Match, names: NameGenerator) -> list[onnx.NodeProto]:
