@@ -154,7 +154,10 @@ class Pipeline:
     @staticmethod
     def _latency_problem(p: Pass, record: PassRecord, before: onnx.ModelProto, after, ctx: PassContext) -> str | None:
         """Time the candidate against the pass's input; a reason to roll back, or None. A change claiming
-        size that times slower is timed once more and undone only if slower again: such changes often run
+        speed that times faster, but by less than the margin, is timed once more and judged on the mean of
+        the two: a 30-round median moves by about 5% on a busy 2-core machine, so one timing of a 6-10% gain
+        can miss a 3% bar (MiniLM's fuse-attention: 0.939 and 0.929 in two runs, 0.979 in a third). A change
+        claiming size that times slower is timed once more and undone only if slower again: such changes often run
         the very graph they replaced (weights restored at load), and one interleaved timing on a busy machine
         moves by a few percent (PP-OCRv4 rec: int8 weights rolled back at 1.041, losing a 0.27x file).
         Such a change is not timed at all when onnxruntime's optimized graphs of both are alike
@@ -167,13 +170,16 @@ class Pipeline:
         limit = SPEED_RATIO if p.claims == "speed" else SIZE_RATIO
         timings = ctx.latency(models)
         ratios = [timings[1].ratio]
-        if ratios[0] > limit and p.claims == "size":
+        if ratios[0] > limit and (p.claims == "size" or ratios[0] <= 1.0):
             timings = ctx.latency(models)
             ratios.append(timings[1].ratio)
         record.latency_ms = (timings[0].median_ms, timings[1].median_ms)
-        if ratios[-1] > limit:
+        # a size claim is undone only when slower twice; a speed claim that was faster but not by the margin
+        # is judged on the mean of two timings (half the variance of one, the same bar)
+        judged = ratios[-1] if p.claims == "size" else sum(ratios) / len(ratios)
+        if judged > limit:
             verdict = "not faster" if p.claims == "speed" else "slower"
-            shown = " and ".join(f"{r:.3f}" for r in ratios)
+            shown = " and ".join(f"{r:.3f}" for r in ratios) + (f" (mean {judged:.3f})" if p.claims == "speed" and len(ratios) > 1 else "")
             return f"{verdict}: latency ratio {shown} (median {timings[1].median_ms:.3f} ms vs {timings[0].median_ms:.3f} ms; must be <= {limit})"
         return None
 
