@@ -32,8 +32,9 @@ Refused (node left float, listed in details["kept_float"] with a reason):
                  product saves
   sensitive    - over the accuracy budget on the calibration feeds: nodes are ranked by their own output's
                  relative error when only they are quantized (numpy on the float inputs, one streamed run;
-                 in bodies: the model's output cosine with only that node quantized), and the most
-                 sensitive go back to float until the budget holds (fallback=true; doubling then bisection)
+                 in bodies: the model's output cosine with only that node quantized; sensitivity=model
+                 ranks every node that way, one model run each), and the most sensitive go back to float
+                 until the budget holds (fallback=true; doubling then bisection)
   slower       - (main graph, latency_fallback=true; nodes inside bodies are not profiled) onnxruntime's
                  per-node profile on two calibration feeds, with every candidate quantized, shows the node's
                  integer kernels (its share of a shared DynamicQuantizeLinear included) slower than its float
@@ -109,6 +110,7 @@ class QuantizeDynamic(Pass):
     ops: str = "MatMul,Gemm,LSTM"
     weight_bits: int = 0  # 8, 7, or 0: whichever is more accurate on this machine
     latency_fallback: bool = True  # main-graph nodes whose quantized kernels profile slower stay float
+    sensitivity: str = "layer"  # how the fallback ranks nodes: "layer" (own output error) or "model" (see below)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         notes = [n for n in [qdq.ensure_opset(model, MIN_OPSET)] if n]
@@ -117,6 +119,8 @@ class QuantizeDynamic(Pass):
         details = {"quantized": {}, "kept_float": plan.kept_float, "format": FORMAT}
         if not plan.sites:
             return PassResult(changed=False, details=details, notes=notes, refused=_refusals(plan.kept_float))
+        if self.sensitivity not in ("layer", "model"):
+            raise PassError(f"quantize-dynamic: sensitivity must be 'layer' or 'model', not {self.sensitivity!r}")
         if self.weight_bits not in (0, 7, 8):
             raise PassError(f"quantize-dynamic: weight_bits must be 7, 8 or 0 (choose by measurement), not {self.weight_bits}")
         base = copy_model(model)
@@ -130,7 +134,7 @@ class QuantizeDynamic(Pass):
         chosen = plan.sites
         problem = ctx.budget_problem(reference, quantized) if reference else None
         if problem and self.fallback:
-            chosen, problem = _back_off(base, plan.sites, fmt, reference, problem, ctx, plan.kept_float)
+            chosen, problem = _back_off(base, plan.sites, fmt, reference, problem, ctx, plan.kept_float, self.sensitivity == "model")
             quantized = _quantized(base, chosen, fmt)
         if problem:
             notes.append(f"over budget on the calibration feeds even so: {problem}")
@@ -177,10 +181,10 @@ def _quantized(base: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> onnx.
     return candidate
 
 
-def _back_off(base, sites, fmt, reference, problem, ctx, kept_float):
+def _back_off(base, sites, fmt, reference, problem, ctx, kept_float, by_model: bool):
     """Return the most sensitive sites to float until the budget holds on the calibration feeds.
     The count is found by doubling, then bisection (the error is taken as monotone in the count)."""
-    errors = _sensitivity(base, sites, ctx, fmt, reference)
+    errors = _sensitivity(base, sites, ctx, fmt, reference, by_model)
     order = sorted(sites, key=lambda s: -errors[s])
 
     def problem_with(k: int) -> str | None:
@@ -203,16 +207,19 @@ def _back_off(base, sites, fmt, reference, problem, ctx, kept_float):
         known[mid] = problem_with(mid)
         ok, low = (mid, low) if known[mid] is None else (ok, mid)
     for s in order[:ok]:
-        kept_float.append(_kept(s, "sensitive", f"layer error {errors[s]:.4g}; returned to float to keep the budget ({problem})"))
+        measure = "model output cosine lost" if by_model or s.graph != 0 or s.op_type == "LSTM" else "layer error"
+        kept_float.append(_kept(s, "sensitive", f"{measure} {errors[s]:.4g}; returned to float to keep the budget ({problem})"))
     return order[ok:], known[ok]
 
 
-def _sensitivity(base, sites, ctx, fmt: _Format, reference) -> dict[_Site, float]:
+def _sensitivity(base, sites, ctx, fmt: _Format, reference, all_by_model: bool = False) -> dict[_Site, float]:
     """How much each site suffers from quantization. Main-graph sites: the relative error of the node's
     output when only it is quantized, computed with numpy on its float input (one run exposing the
-    inputs, streamed feed by feed). Sites inside bodies, whose inputs cannot be exposed, and LSTMs, whose
-    error runs through time: 1 - the lowest output cosine of the model with only that site quantized."""
-    by_model = {s for s in sites if s.graph != 0 or s.op_type == "LSTM"}
+    inputs, streamed feed by feed). Sites inside bodies, whose inputs cannot be exposed, LSTMs, whose
+    error runs through time, and every site with `all_by_model` (sensitivity=model): 1 - the lowest output
+    cosine of the model with only that site quantized (one model run per site: slower, but it ranks by
+    what reaches the outputs, which a layer's own error does not tell when residual paths dilute it)."""
+    by_model = {s for s in sites if all_by_model or s.graph != 0 or s.op_type == "LSTM"}
     errors = _layer_errors(base, [s for s in sites if s not in by_model], ctx.calibration, fmt)
     for s in sites:
         if s in by_model:

@@ -255,6 +255,43 @@ def test_sensitive_node_returns_to_float():
     assert result.details["quantized"] == {"MatMul": 2} and "over budget" in result.notes[-1]
 
 
+@pytest.mark.parametrize("sensitivity", ["layer", "model"])
+def test_model_sensitivity_ranks_by_what_reaches_the_output(sensitivity):
+    """y = calm(x) + 1e-6 * outlier(o): the outlier MatMul has by far the larger layer error, but its
+    output is diluted to nothing, while the calm one's 1% error reaches y. Under a tight budget, ranking by
+    layer error returns the outlier first, which does not help, and ends with both float; ranking by the
+    model's output returns the calm one and keeps the outlier quantized."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="calm"),
+        helper.make_node("MatMul", ["o", "v"], ["b"], name="outlier"),
+        helper.make_node("Mul", ["b", "tiny"], ["b_small"]),
+        helper.make_node("Add", ["a", "b_small"], ["y"]),
+    ]
+    v = RNG.standard_normal([64, 64]).astype(np.float32)
+    v[0] *= 1e-5
+    inits = [weight("w", [64, 64]), numpy_helper.from_array(v, "v"), numpy_helper.from_array(np.array(1e-6, np.float32), "tiny")]
+    model = make_model(nodes, [vi("x", [16, 64]), vi("o", [16, 64])], [vi("y", [16, 64])], inits)
+    feeds = seeded_feeds(model, n=4)
+    for f in feeds:
+        f["o"][:, 0] *= 1000.0
+    budget = Budget(min_cosine=0.99999, min_top1=None)
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=budget)
+    after = copy_model(model)
+    result = QuantizeDynamic(latency_fallback=False, sensitivity=sensitivity).run(after, ctx)
+    if sensitivity == "layer":
+        assert not result.changed and kept(result)["outlier"][0] == kept(result)["calm"][0] == "sensitive"
+        assert kept(result)["outlier"][1].startswith("layer error")
+    else:
+        assert result.details["quantized"] == {"MatMul": 1} and list(kept(result)) == ["calm"]
+        assert kept(result)["calm"][1].startswith("model output cosine lost")
+        assert budget.violation(ort_outputs(model, feeds), ort_outputs(after, feeds)) is None
+
+
+def test_bad_sensitivity_is_an_error():
+    with pytest.raises(PassError, match="sensitivity must be 'layer' or 'model'"):
+        quantize(matmul_model(), sensitivity="output")
+
+
 def test_old_opset_is_upgraded():
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [8, 64])], [vi("y", [8, 64])], [weight("w", [64, 64])], opset=10)
     feeds = seeded_feeds(model)
