@@ -16,7 +16,8 @@ additive mask, c constants of shape [] or [1]):
 `out` keeps its name, so whatever merged the heads back (a Reshape to [B, S, N*H]) reads it unchanged. The
 forms covered are those of torch's scaled_dot_product_attention export (scale split as sqrt on Q and K,
 mask from Where(mask, 0, -inf), NaN guard) and of the eager BERT/HF form (K transposed twice, scores
-divided by sqrt(H), mask [B, 1, S, T]).
+divided by sqrt(H), mask [B, 1, S, T] or the extended key mask [B, 1, 1, T]; the kernel wants the query
+axis in full, so the latter is expanded to [B, 1, S, T] by an Expand in front of it).
 
 Why: onnxruntime runs the spelled-out form as a dozen kernels per layer, two of them over the [B, N, S, T]
 score tensor besides Softmax (mask Add, NaN guard); its MultiHeadAttention kernel does the two batched
@@ -34,8 +35,8 @@ is in the int8 and int4 presets and not in `lossless`, whose output stays standa
 
 Refused (reason recorded; the nodes stay): the head count or head size is not static and confirmed on the
 calibration feeds; q, k or v is not float32; a tensor inside the pattern is read elsewhere or is a graph
-output; the mask does not have the shape MultiHeadAttention takes, [B or 1, N or 1, S, T] (a mask
-[B, 1, 1, T] that broadcasts over query positions is not accepted by its kernel). Not a match, silently:
+output; the mask does not broadcast to what MultiHeadAttention takes, [B or 1, N or 1, S or 1, T] (e.g.
+[B, 1, S, 1], broadcast over keys). Not a match, silently:
 Softmax over another axis, transposes composing to other perms, scaling after the mask is added, a scale
 or Transpose on V. Subgraphs are not searched: their shapes are never observed.
 """
@@ -85,6 +86,7 @@ class _Attention:
     regroup: onnx.NodeProto | None  # a Reshape between the context and the Transpose back, if any
     heads: int = 0
     v_head_size: int = 0
+    expand_mask: bool = False  # the mask is [.., 1, T]: expanded over query positions for the kernel
 
 
 @register
@@ -109,13 +111,12 @@ class FuseAttention(Pass):
                 refused.append(f"attention at {a.name!r}: {problem}")
             else:
                 accepted.append(a)
-        if accepted:
-            _replace(graph, accepted, NameGenerator(model))
-            ensure_domain(model, MS_DOMAIN)
-        removed = sum(len(a.nodes) for a in accepted)
-        added = sum(7 if a.nan_guard else 5 for a in accepted)  # 3 + 1 Reshapes, the attention, the guard
-        counts = {"attention_fused": len(accepted), "nodes_removed": removed - added} if accepted else {}
-        return PassResult(bool(accepted), counts=counts, refused=refused)
+        if not accepted:
+            return PassResult(False, refused=refused)
+        added = _replace(graph, accepted, NameGenerator(model))
+        ensure_domain(model, MS_DOMAIN)
+        counts = {"attention_fused": len(accepted), "nodes_removed": sum(len(a.nodes) for a in accepted) - added}
+        return PassResult(True, counts=counts, refused=refused)
 
 
 def _matches(graph: onnx.GraphProto, opset: int) -> list[_Attention]:
@@ -318,7 +319,9 @@ def _symbolic_vector(graph: onnx.GraphProto, name: str, made_by, dims: dict[str,
 
 
 def _mask_problem(a: _Attention, facts: GraphFacts) -> str | None:
-    """MultiHeadAttention's attention_bias must be float32 of shape [B or 1, N or 1, S, T] on every feed."""
+    """MultiHeadAttention's attention_bias must be float32 of shape [B or 1, N or 1, S, T] on every feed. A
+    mask [.., 1, T] (the eager BERT extended mask) is accepted and expanded over the S query positions
+    first (Expand broadcasts, so that stays right on feeds where it would already be [.., S, T])."""
     if facts.elem_types.get(a.mask) != TensorProto.FLOAT:
         return f"the mask {a.mask} is not float32"
     seen = facts.observe().get(a.mask) if facts.observe else None
@@ -328,43 +331,61 @@ def _mask_problem(a: _Attention, facts: GraphFacts) -> str | None:
     batches = {s[0] for s in observed.get(a.q, ())}
     queries = {s[1] for s in observed.get(a.q, ())}
     keys = {s[1] for s in observed.get(a.k, ())}
-    fits = all(len(m) == 4 and m[0] in batches | {1} and m[1] in (1, a.heads) for m in seen)
-    if not fits or {m[2] for m in seen} != queries or {m[3] for m in seen} != keys:
-        return (
-            f"the mask {a.mask} has shapes {sorted(seen)}: MultiHeadAttention takes [batch or 1, heads or 1, "
-            f"queries, keys] and does not broadcast over query positions"
-        )
+    fits = all(len(m) == 4 and m[0] in batches | {1} and m[1] in (1, a.heads) for m in seen) and {m[3] for m in seen} == keys
+    positions = {m[2] for m in seen} if fits else set()
+    if positions == {1} and queries != {1}:
+        a.expand_mask = True
+    elif not fits or positions != queries:
+        return f"the mask {a.mask} has shapes {sorted(seen)}: MultiHeadAttention takes [batch or 1, heads or 1, queries or 1, keys]"
     return None
 
 
-def _replace(graph: onnx.GraphProto, found: list[_Attention], names: NameGenerator) -> None:
+def _replace(graph: onnx.GraphProto, found: list[_Attention], names: NameGenerator) -> int:
     """Each replacement goes where its pattern's last node (the Transpose back) was: everything it reads is
-    defined before that (graph.splice)."""
-    flat = names("attention_merge_heads_shape")
-    graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), flat))
-    split_shapes: dict[tuple[int, int], str] = {}
-    for a in found:
-        key = (a.heads, a.v_head_size)
-        if key not in split_shapes:
-            split_shapes[key] = names(f"attention_split_{a.heads}_heads_shape")
-            graph.initializer.append(numpy_helper.from_array(np.array([0, 0, a.heads, a.v_head_size], np.int64), split_shapes[key]))
-    splice(graph, [(a.nodes, _replacement(a, flat, split_shapes[(a.heads, a.v_head_size)], names)) for a in found])
+    defined before that (graph.splice). Returns how many nodes were added."""
+    shapes = _Shapes(graph, names)
+    rewrites = [(a.nodes, _replacement(a, shapes, names)) for a in found]
+    splice(graph, rewrites)
+    return sum(len(new) for _, new in rewrites)
 
 
-def _replacement(a: _Attention, flat: str, split: str, names: NameGenerator) -> list[onnx.NodeProto]:
+class _Shapes:
+    """The int64 constants the replacements read, each added to the graph once, when first asked for."""
+
+    def __init__(self, graph: onnx.GraphProto, names: NameGenerator):
+        self.graph, self.names, self.made = graph, names, {}
+
+    def __call__(self, hint: str, values: list[int]) -> str:
+        key = tuple(values)
+        if key not in self.made:
+            self.made[key] = self.names(f"attention_{hint}")
+            self.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), self.made[key]))
+        return self.made[key]
+
+
+def _replacement(a: _Attention, shapes: _Shapes, names: NameGenerator) -> list[onnx.NodeProto]:
     stem = a.name
     nodes, merged = [], []
     for role, source in (("query", a.q), ("key", a.k), ("value", a.v)):
         merged.append(names(f"{stem}_{role}"))
-        nodes.append(helper.make_node("Reshape", [source, flat], [merged[-1]], name=names(f"{stem}/merge_{role}_heads")))
+        nodes.append(helper.make_node("Reshape", [source, shapes("merge_heads_shape", [0, 0, -1])], [merged[-1]], name=names(f"{stem}/merge_{role}_heads")))
+    mask = a.mask
+    if a.expand_mask:  # Expand(mask, [1, 1, S, 1]) with S = dim 1 of q
+        q_shape, queries, target, mask = (names(f"{stem}_{x}") for x in ("query_shape", "queries", "mask_expansion", "mask_expanded"))
+        nodes += [
+            helper.make_node("Shape", [a.q], [q_shape], name=names(f"{stem}/query_shape")),
+            helper.make_node("Gather", [q_shape, shapes("index_1", [1])], [queries], name=names(f"{stem}/queries"), axis=0),
+            helper.make_node("Concat", [shapes("ones_2", [1, 1]), queries, shapes("one", [1])], [target], name=names(f"{stem}/mask_expansion"), axis=0),
+            helper.make_node("Expand", [a.mask, target], [mask], name=names(f"{stem}/expand_mask")),
+        ]
     attended = names(f"{stem}_attention")
-    inputs = merged + ["", "", a.mask] if a.mask else merged
+    inputs = merged + ["", "", mask] if mask else merged
     nodes.append(helper.make_node("MultiHeadAttention", inputs, [attended], name=names(f"{stem}/attention"), domain=MS_DOMAIN, num_heads=a.heads, scale=a.scale))
     if a.nan_guard:
         is_nan, guarded = names(f"{stem}_attention_is_nan"), names(f"{stem}_attention_guarded")
         nodes.append(helper.make_node("IsNaN", [attended], [is_nan], name=names(f"{stem}/attention_is_nan")))
         nodes.append(helper.make_node("Where", [is_nan, a.nan_guard, attended], [guarded], name=names(f"{stem}/attention_nan_guard")))
         attended = guarded
+    split = shapes(f"split_{a.heads}_heads_shape", [0, 0, a.heads, a.v_head_size])
     nodes.append(helper.make_node("Reshape", [attended, split], [a.output], name=names(f"{stem}/split_heads")))
     return nodes
-

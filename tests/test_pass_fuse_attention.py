@@ -176,14 +176,23 @@ def test_without_a_mask_the_attention_has_three_inputs():
     assert len(attention_node(model).input) == 3
 
 
-def test_a_mask_broadcast_over_query_positions_is_refused():
-    """[B, 1, 1, T]: MultiHeadAttention's kernel rejects a bias that is not [.., S, T]."""
+def test_a_key_mask_broadcast_over_query_positions_is_expanded():
+    """[B, 1, 1, T] (the eager BERT extended mask): MultiHeadAttention's kernel wants [.., S, T], so the
+    mask is expanded over the query positions in front of it."""
     model = sdpa_model(mask_shape=("batch", 1, 1, "seq"))
-    result = run_pass(FuseAttention(), model, self_feeds(mask_shape=(BATCH, 1, 1, QUERIES)))
+    feeds = self_feeds(mask_shape=(BATCH, 1, 1, QUERIES))
+    result = fuse(model, feeds)
+    assert result.counts["attention_fused"] == 1
+    expand = next(n for n in model.graph.node if n.op_type == "Expand")
+    assert expand.input[0] == "mask" and attention_node(model).input[5] == expand.output[0]
+
+
+def test_a_mask_broadcast_over_keys_is_refused():
+    model = sdpa_model(mask_shape=("batch", 1, "seq", 1))
+    result = run_pass(FuseAttention(), model, self_feeds(mask_shape=(BATCH, 1, QUERIES, 1)))
     assert not result.changed and "MultiHeadAttention" not in op_types(model)
     assert result.refused == [
-        "attention at 'softmax': the mask mask has shapes [(2, 1, 1, 3)]: MultiHeadAttention takes [batch or 1, heads or 1, "
-        "queries, keys] and does not broadcast over query positions"
+        "attention at 'softmax': the mask mask has shapes [(2, 1, 3, 1)]: MultiHeadAttention takes [batch or 1, heads or 1, queries or 1, keys]"
     ]
 
 
