@@ -1,0 +1,119 @@
+"""fold-scalar-affine: x * a + b (scalar constants) in front of an unpadded Conv, folded into that Conv.
+
+Rewrites (every graph; a and b are float initializers of shape [] or [1], the chain any mix of Mul and Add
+by such constants, either operand order):
+  Conv(Add(Mul(x, a), b), W, B)  =>  Conv(x, W * a, B + b * sum of W over its input channels and kernel)
+which is exact in real arithmetic when the Conv reads no padding: every output sums the same W over the
+window, so the offset b contributes b * sum(W) to each output channel.
+
+Why: fold-batchnorm folds affine maps into the linear node *before* them; this is the other direction, for
+the affine maps exporters put *after* an activation. PP-OCRv4 rec (PPLCNetV3) has a learnable scale and
+bias after each hard swish (Mul, Add by scalars); onnxruntime runs them as two elementwise kernels and, as
+its NCHWc layout pass does not take scalar operands, reorders the tensor out of and back into NCHWc around
+them. Where a 1x1 Conv follows (12 places), both go away.
+
+Numerics: float64 arithmetic cast back to float32; the sums round differently from the original, which the
+pipeline checks against onnxruntime's own rounding as for every clean-up.
+
+Refused (reason recorded; the nodes stay): the Conv pads its input (pads or auto_pad SAME_*: the padding
+zeros would not get the offset, so the borders would differ), a tensor inside the chain is read elsewhere or
+is a graph output, or the Conv's weight or bias is not an initializer of this graph used by it alone. Not a
+match: constants of other shapes (per-channel maps are fold-batchnorm's, in the other direction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from graphopt.graph import NameGenerator, attribute, consumers, initializers, is_op, iter_graphs, output_names, producers, remove_nodes, scalar_constant
+from graphopt.passes_base import Pass, PassContext, PassResult, register
+
+
+@dataclass
+class _Chain:
+    source: str  # what the Conv reads once the chain is gone
+    scale: float
+    offset: float
+    nodes: list[onnx.NodeProto]
+
+
+@register
+@dataclass
+class FoldScalarAffine(Pass):
+    name = "fold-scalar-affine"
+    description = "x * a + b (scalar constants) before an unpadded Conv => folded into the Conv's weights and bias"
+    lossless = True
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        names = NameGenerator(model)
+        folded, removed, refused = 0, 0, []
+        for graph in iter_graphs(model.graph):
+            made_by, read_by, outputs, inits = producers(graph), consumers(graph), output_names(graph), initializers(graph)
+            doomed = []
+            for conv in list(graph.node):
+                if not is_op(conv, "Conv"):
+                    continue
+                chain = _chain(graph, conv.input[0], made_by)
+                if not chain.nodes:
+                    continue
+                problem = _problem(conv, chain, read_by, outputs, inits)
+                if problem:
+                    refused.append(f"Conv {conv.name or conv.output[0]!r}: {problem}")
+                    continue
+                _fold(graph, conv, chain, inits, names)
+                doomed += chain.nodes
+                folded += 1
+            removed += remove_nodes(graph, doomed)
+        counts = {"convs_folded_into": folded, "nodes_removed": removed} if folded else {}
+        return PassResult(bool(folded), counts=counts, refused=refused)
+
+
+def _chain(graph: onnx.GraphProto, name: str, made_by) -> _Chain:
+    """Follow Mul/Add by scalar constants back from the Conv's input."""
+    scale, offset, nodes = 1.0, 0.0, []
+    while (node := made_by.get(name)) is not None and (is_op(node, "Mul") or is_op(node, "Add")):
+        side = next((i for i in (1, 0) if scalar_constant(graph, node.input[i]) is not None), None)
+        if side is None:
+            break
+        c = scalar_constant(graph, node.input[side])
+        # the chain seen so far maps its input y to scale * y + offset; y = node's result
+        if node.op_type == "Mul":
+            scale, offset = scale * c, offset  # scale * (z * c) + offset
+        else:
+            offset = offset + scale * c  # scale * (z + c) + offset
+        nodes.append(node)
+        name = node.input[1 - side]
+    return _Chain(name, scale, offset, nodes)
+
+
+def _problem(conv: onnx.NodeProto, chain: _Chain, read_by, outputs: set[str], inits: dict) -> str | None:
+    pads = attribute(conv, "pads", [])
+    auto_pad = attribute(conv, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if any(pads) or auto_pad not in ("NOTSET", "VALID"):
+        return "it pads its input, so a folded offset would be wrong at the borders"
+    for node in chain.nodes:
+        name = node.output[0]
+        if name in outputs or len(read_by.get(name, [])) != 1:
+            return f"{name} is also read elsewhere or is a graph output"
+    for name in conv.input[1:3]:
+        if name and (name not in inits or inits[name].data_type != TensorProto.FLOAT or len(read_by.get(name, [])) != 1):
+            return f"{name} is not a float32 initializer used by this Conv alone"
+    return None
+
+
+def _fold(graph: onnx.GraphProto, conv: onnx.NodeProto, chain: _Chain, inits: dict, names: NameGenerator) -> None:
+    w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+    bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
+    new_w = (w * chain.scale).astype(np.float32)
+    new_bias = (bias + chain.offset * w.sum(axis=tuple(range(1, w.ndim)))).astype(np.float32)
+    w_name, b_name = names(f"{conv.input[1]}_affine_folded"), names(f"{conv.name or conv.output[0]}_bias_affine_folded")
+    graph.initializer.extend([numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_bias, b_name)])
+    for old in {conv.input[1], *(conv.input[2:3])} - {""}:
+        graph.initializer.remove(inits[old])
+    del conv.input[:]
+    conv.input.extend([chain.source, w_name, b_name])
