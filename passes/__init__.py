@@ -16,6 +16,7 @@ LOSSLESS = [
     "fold-constants",
     "simplify-reshapes",
     "fold-batchnorm",
+    "fold-scalar-affine",
     "fuse-hard-sigmoid",
     "fold-shared-weights",
     "merge-duplicate-nodes",
