@@ -25,6 +25,7 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

@@ -50,12 +50,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.graph import NameGenerator, attribute, constant_value, consumers, default_opset, is_op, only_reader, output_names, producers, scalar_constant, splice
+from graphopt.graph import MS_DOMAIN, NameGenerator, attribute, constant_value, consumers, default_opset, is_op, only_reader, output_names, producers, scalar_constant, splice
 from graphopt.passes.qdq import ensure_domain
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 from graphopt.shapes import GraphFacts, all_graph_facts, show_dims
 
-MS_DOMAIN = "com.microsoft"
 Q_PERM = [0, 2, 1, 3]  # [B, S, N, H] -> [B, N, S, H], also V's, and the context's way back
 K_PERM = [0, 2, 3, 1]  # [B, T, N, H] -> [B, N, H, T]
 

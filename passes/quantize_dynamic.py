@@ -57,6 +57,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.activations import intermediates
 from graphopt.graph import (
+    MS_DOMAIN,
     STANDARD_DOMAINS,
     NameGenerator,
     attribute,
@@ -72,7 +73,6 @@ from graphopt.passes_base import Pass, PassContext, PassError, PassResult, regis
 
 FORMAT = "DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (onnxruntime: DynamicQuantizeMatMul / MatMulIntegerToFloat); LSTM -> com.microsoft DynamicQuantizeLSTM"
 MIN_OPSET = 11  # DynamicQuantizeLinear
-MS_DOMAIN = "com.microsoft"
 LSTM_ATTRIBUTES = ("activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size", "input_forget")
 
 

@@ -49,7 +49,7 @@ from onnx import helper
 
 from graphopt.activations import intermediates
 from graphopt.errors import PassError
-from graphopt.graph import STANDARD_DOMAINS, NameGenerator, attribute, constant_names, consumers, copy_model, drop_unread, initializer_bytes, output_names, producers, remove_nodes
+from graphopt.graph import MS_DOMAIN, STANDARD_DOMAINS, NameGenerator, attribute, constant_names, consumers, copy_model, drop_unread, initializer_bytes, output_names, producers, remove_nodes
 from graphopt.passes.gptq import Hessian, gptq
 from graphopt.passes.qdq import (
     BLOCKED_OPSET,
@@ -69,7 +69,6 @@ from graphopt.passes.qdq import (
 )
 from graphopt.passes_base import VALIDATION_SETTINGS, Pass, PassContext, PassResult, register
 
-CONTRIB = "com.microsoft"
 FORMATS = ("auto", "dequantize", "matmulnbits", "folded")
 INT4_CAST_OPSET = 21
 METHODS = ("rtn", "gptq")
@@ -400,8 +399,8 @@ class _Rewriter:
         del self.graph.node[:]
         self.graph.node.extend(nodes)
         _drop_unused(self.graph, weights)
-        if any(n.domain == CONTRIB for n in self.graph.node):
-            ensure_domain(self.model, CONTRIB)
+        if any(n.domain == MS_DOMAIN for n in self.graph.node):
+            ensure_domain(self.model, MS_DOMAIN)
 
     def _as_kernel(self, w: _Weight, restored: str) -> str:
         """The restored weight in its stored shape: a Conv kernel is quantized as a 2-D view."""
@@ -469,7 +468,7 @@ class _Rewriter:
         b, scales, zero = tensors
         inputs = [node.input[0], b, scales, zero or ""] + (["", bias] if bias else [])
         return helper.make_node(
-            "MatMulNBits", inputs, [node.output[0]], name=node.name or self.builder.names("MatMulNBits"), domain=CONTRIB,
+            "MatMulNBits", inputs, [node.output[0]], name=node.name or self.builder.names("MatMulNBits"), domain=MS_DOMAIN,
             K=k, N=n, bits=q.bits, block_size=q.block_size,
         )
 
@@ -516,7 +515,7 @@ class _Rewriter:
                 zero = self.builder.initializer(f"{hint}_zero_point", _pack(zp, q.bits).reshape(rows, -1))
         inputs = [data, node.input[1], scales] + ([zero] if zero else [])
         return helper.make_node(
-            "GatherBlockQuantized", inputs, [node.output[0]], name=node.name or self.builder.names("GatherBlockQuantized"), domain=CONTRIB,
+            "GatherBlockQuantized", inputs, [node.output[0]], name=node.name or self.builder.names("GatherBlockQuantized"), domain=MS_DOMAIN,
             gather_axis=0, quantize_axis=1, block_size=q.block_size, bits=q.bits,
         )
 
