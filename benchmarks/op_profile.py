@@ -5,8 +5,9 @@ graphopt's preset output, from one per-node profile with the two models run in t
 It answers what quantization can still win on a model: the integer kernels replace only the matrix
 products (Conv, MatMul, Gemm, LSTM and their fusions); everything else (attention glue, normalization,
 activations, data movement) runs as before. A fused attention (MultiHeadAttention, from the presets'
-fuse-attention) counts as matrix products: it is the fp32 side's two batched MatMuls plus the glue it absorbed. The last lines give that split and the whole model's
-speed-up if the matrix products ran 2x faster than fp32 with the rest unchanged.
+fuse-attention) counts as matrix products: it is the fp32 side's two batched MatMuls plus the glue it
+absorbed. The last lines give that split and the whole model's speed-up if the matrix products ran 2x
+faster than fp32 with the rest unchanged.
 
 The fp32 side is the lossless preset run on the calibration feeds, as quantize.py's "fp32 clean" row. It
 validates on all of them, while the preset validates on its held-out half, so a clean-up step close to its

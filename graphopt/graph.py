@@ -131,6 +131,12 @@ def scalar_constant(graph: onnx.GraphProto, name: str) -> float | None:
     return float(value.reshape(()))
 
 
+def scalar_operand(graph: onnx.GraphProto, node: onnx.NodeProto) -> int | None:
+    """Which input of a two-input node (Mul, Add, ...) is a scalar constant (see scalar_constant), the
+    second checked first; None when neither is."""
+    return next((i for i in (1, 0) if i < len(node.input) and scalar_constant(graph, node.input[i]) is not None), None)
+
+
 def is_op(node: onnx.NodeProto | None, op_type: str) -> bool:
     """`node` exists and is the standard ONNX operator `op_type` (not a same-named op of another domain)."""
     return node is not None and node.op_type == op_type and node.domain in STANDARD_DOMAINS

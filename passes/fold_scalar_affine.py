@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from graphopt.graph import NameGenerator, attribute, consumers, initializers, is_op, iter_graphs, output_names, producers, remove_nodes, scalar_constant
+from graphopt.graph import NameGenerator, attribute, consumers, drop_unread, initializers, is_op, iter_graphs, output_names, producers, remove_nodes, scalar_constant, scalar_operand
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 
@@ -53,7 +53,7 @@ class FoldScalarAffine(Pass):
         folded, removed, refused = 0, 0, []
         for graph in iter_graphs(model.graph):
             made_by, read_by, outputs, inits = producers(graph), consumers(graph), output_names(graph), initializers(graph)
-            doomed = []
+            doomed, replaced = [], []
             for conv in list(graph.node):
                 if not is_op(conv, "Conv"):
                     continue
@@ -64,10 +64,11 @@ class FoldScalarAffine(Pass):
                 if problem:
                     refused.append(f"Conv {conv.name or conv.output[0]!r}: {problem}")
                     continue
-                _fold(graph, conv, chain, inits, names)
+                replaced += _fold(graph, conv, chain, inits, names)
                 doomed += chain.nodes
                 folded += 1
             removed += remove_nodes(graph, doomed)
+            drop_unread(graph, replaced)
         counts = {"convs_folded_into": folded, "nodes_removed": removed} if folded else {}
         return PassResult(bool(folded), counts=counts, refused=refused)
 
@@ -76,7 +77,7 @@ def _chain(graph: onnx.GraphProto, name: str, made_by) -> _Chain:
     """Follow Mul/Add by scalar constants back from the Conv's input."""
     scale, offset, nodes = 1.0, 0.0, []
     while (node := made_by.get(name)) is not None and (is_op(node, "Mul") or is_op(node, "Add")):
-        side = next((i for i in (1, 0) if scalar_constant(graph, node.input[i]) is not None), None)
+        side = scalar_operand(graph, node)
         if side is None:
             break
         c = scalar_constant(graph, node.input[side])
@@ -106,14 +107,16 @@ def _problem(conv: onnx.NodeProto, chain: _Chain, read_by, outputs: set[str], in
     return None
 
 
-def _fold(graph: onnx.GraphProto, conv: onnx.NodeProto, chain: _Chain, inits: dict, names: NameGenerator) -> None:
+def _fold(graph: onnx.GraphProto, conv: onnx.NodeProto, chain: _Chain, inits: dict, names: NameGenerator) -> list[str]:
+    """Rewire `conv` to read the chain's source with the folded weight and bias; returns the names it no
+    longer reads (the old weight and bias, the chain's constants and tensors)."""
     w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
     bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
     new_w = (w * chain.scale).astype(np.float32)
     new_bias = (bias + chain.offset * w.sum(axis=tuple(range(1, w.ndim)))).astype(np.float32)
     w_name, b_name = names(f"{conv.input[1]}_affine_folded"), names(f"{conv.name or conv.output[0]}_bias_affine_folded")
     graph.initializer.extend([numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_bias, b_name)])
-    for old in {conv.input[1], *(conv.input[2:3])} - {""}:
-        graph.initializer.remove(inits[old])
+    replaced = list(conv.input[1:]) + [c for n in chain.nodes for c in n.input]
     del conv.input[:]
     conv.input.extend([chain.source, w_name, b_name])
+    return replaced

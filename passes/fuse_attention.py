@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.graph import MS_DOMAIN, NameGenerator, attribute, constant_value, consumers, default_opset, is_op, only_reader, output_names, producers, scalar_constant, splice
+from graphopt.graph import MS_DOMAIN, NameGenerator, attribute, constant_value, consumers, default_opset, is_op, only_reader, output_names, producers, scalar_constant, scalar_operand, splice
 from graphopt.passes.qdq import ensure_domain
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 from graphopt.shapes import GraphFacts, all_graph_facts, show_dims
@@ -104,8 +104,9 @@ class FuseAttention(Pass):
         facts = all_graph_facts(model, functools.cache(lambda: ctx.activations.observed_shapes(model)))[0]
         refused: list[str] = []
         accepted = []
+        maps = producers(graph), consumers(graph), output_names(graph)
         for a in found:
-            problem = _problem(a, graph, facts)
+            problem = _problem(a, graph, facts, *maps)
             if problem:
                 refused.append(f"attention at {a.name!r}: {problem}")
             else:
@@ -187,7 +188,7 @@ def _heads(graph: onnx.GraphProto, name: str, made_by) -> _Heads:
             inner = list(attribute(node, "perm"))
             perm = [inner[p] for p in perm]
             name = node.input[0]
-        elif is_op(node, "Mul") and (side := _constant_side(graph, node)) is not None:
+        elif is_op(node, "Mul") and (side := scalar_operand(graph, node)) is not None:
             scale *= scalar_constant(graph, node.input[side])
             name = node.input[1 - side]
         elif is_op(node, "Div") and scalar_constant(graph, node.input[1]) not in (None, 0.0):
@@ -212,14 +213,8 @@ def _relative_to_source(walked: dict[str, list[int]], total: list[int]) -> dict[
     return inverse
 
 
-def _constant_side(graph: onnx.GraphProto, node: onnx.NodeProto) -> int | None:
-    """Which input of a two-input node is a scalar constant (1 first), or None."""
-    return next((i for i in (1, 0) if scalar_constant(graph, node.input[i]) is not None), None)
-
-
-def _problem(a: _Attention, graph: onnx.GraphProto, facts: GraphFacts) -> str | None:
+def _problem(a: _Attention, graph: onnx.GraphProto, facts: GraphFacts, made_by, read_by, outputs: set[str]) -> str | None:
     """Why `a` cannot be fused, or None (and then its head count and V's head size are set)."""
-    made_by, read_by, outputs = producers(graph), consumers(graph), output_names(graph)
     shapes = {}
     for name in (a.q, a.k, a.v):
         if facts.elem_types.get(name) != TensorProto.FLOAT:

@@ -207,7 +207,7 @@ def _back_off(base, sites, fmt, reference, problem, ctx, kept_float, by_model: b
         known[mid] = problem_with(mid)
         ok, low = (mid, low) if known[mid] is None else (ok, mid)
     for s in order[:ok]:
-        measure = "model output cosine lost" if by_model or s.graph != 0 or s.op_type == "LSTM" else "layer error"
+        measure = "model output cosine lost" if _judged_by_model(s, by_model) else "layer error"
         kept_float.append(_kept(s, "sensitive", f"{measure} {errors[s]:.4g}; returned to float to keep the budget ({problem})"))
     return order[ok:], known[ok]
 
@@ -219,12 +219,17 @@ def _sensitivity(base, sites, ctx, fmt: _Format, reference, all_by_model: bool =
     error runs through time, and every site with `all_by_model` (sensitivity=model): 1 - the lowest output
     cosine of the model with only that site quantized (one model run per site: slower, but it ranks by
     what reaches the outputs, which a layer's own error does not tell when residual paths dilute it)."""
-    by_model = {s for s in sites if all_by_model or s.graph != 0 or s.op_type == "LSTM"}
+    by_model = {s for s in sites if _judged_by_model(s, all_by_model)}
     errors = _layer_errors(base, [s for s in sites if s not in by_model], ctx.calibration, fmt)
     for s in sites:
         if s in by_model:
             errors[s] = 1.0 - min(qdq.output_cosines(reference, ctx.outputs(_quantized(base, [s], fmt))), default=1.0)
     return errors
+
+
+def _judged_by_model(site: _Site, all_by_model: bool) -> bool:
+    """Whether `site`'s sensitivity is the model's output error rather than its layer's (see _sensitivity)."""
+    return all_by_model or site.graph != 0 or site.op_type == "LSTM"
 
 
 def _layer_errors(model: onnx.ModelProto, sites: list[_Site], feeds, fmt: _Format) -> dict[_Site, float]:

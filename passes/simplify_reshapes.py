@@ -411,7 +411,7 @@ class _GraphRewriter:
             first = self.producers.get(node.input[0]) if node.input else None
             if is_op(node, "Reshape") and is_op(first, "Reshape"):
                 self.merge_reshapes(first, node)
-            elif node.op_type in ("Unsqueeze", "Squeeze") and node.domain in STANDARD_DOMAINS and is_op(first, node.op_type):
+            elif node.op_type in ("Unsqueeze", "Squeeze") and is_op(node, node.op_type) and is_op(first, node.op_type):
                 self.merge_axes(first, node)
         self.outcome.counts["nodes_removed"] += remove_nodes(self.graph, self.doomed)
 

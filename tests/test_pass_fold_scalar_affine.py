@@ -45,6 +45,7 @@ def test_scale_and_offset_fold_into_a_pointwise_conv():
     result = fold(model)
     assert op_types(model) == ["Conv"] and model.graph.node[0].input[0] == "x"
     assert result.counts == {"convs_folded_into": 1, "nodes_removed": 2}
+    assert not {"w", "b", "scale", "offset"} & {t.name for t in model.graph.initializer}  # left unread, dropped
     w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == model.graph.node[0].input[1]))
     original = numpy_helper.to_array(affine_conv_model().graph.initializer[2])
     np.testing.assert_allclose(w, original * 1.7, rtol=1e-6)
