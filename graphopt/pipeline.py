@@ -118,13 +118,13 @@ class Pipeline:
         if not result.changed:
             return record, None
         t1 = time.perf_counter()
-        blob = serialized(candidate)  # serialized once for the stats, the checker and onnxruntime
+        blob = serialized(candidate)  # serialized once for the stats and the checker
         stats = ModelStats.of(candidate, len(blob) if blob is not None else None)
         problem = model_io.check(blob if blob is not None else candidate, level)
         outputs = None
         if problem is None:
             try:
-                outputs = runtime.run_all(blob if blob is not None else candidate, ctx.validation, VALIDATION, what=f"the model after {p.name}")
+                outputs = runtime.run_all(candidate, ctx.validation, VALIDATION, what=f"the model after {p.name}")
             except UserError as exc:
                 problem = str(exc)
         if problem is None:
@@ -136,14 +136,14 @@ class Pipeline:
                     problem = validate.lossless_violation(diffs, current.outputs, self.rtol, self.atol, floors.get())
             else:
                 try:
-                    as_run = runtime.run_all(blob if blob is not None else candidate, ctx.validation, BUDGET_SETTINGS, what=f"the model after {p.name}")
+                    as_run = runtime.run_all(candidate, ctx.validation, BUDGET_SETTINGS, what=f"the model after {p.name}")
                     problem = self.budget.violation(original, as_run, ctx.validation_labels)
                 except UserError as exc:
                     problem = str(exc)
         if problem is None and p.claims and self.latency_guard:
             problem = self._latency_problem(p, record, current.model, candidate, ctx)
         if problem is None and check_deployable:
-            problem = _deployment_problem(blob if blob is not None else candidate)
+            problem = _deployment_problem(candidate)
         record.validate_seconds = time.perf_counter() - t1
         if problem is not None:
             record.status, record.reason = "rolled back", problem
@@ -204,7 +204,7 @@ class _NotDeployable(Exception):
     """The optimized model does not load with all of onnxruntime's optimizations on."""
 
 
-def _deployment_problem(model: onnx.ModelProto | bytes) -> str | None:
+def _deployment_problem(model: onnx.ModelProto) -> str | None:
     try:
         runtime.session(model, RuntimeSettings(level="all"), what="the model with all onnxruntime optimizations on")
     except UserError as exc:

@@ -109,8 +109,9 @@ def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
 
 def test_onnxruntime_reads_models_from_a_temporary_file(monkeypatch):
     """runtime.session hands onnxruntime a path for a ModelProto and for bytes (onnxruntime's Python
-    session would keep bytes alive as long as the session), the file is gone afterwards, and the session
-    computes what the model says."""
+    session would keep bytes alive as long as the session), a ModelProto's weight in a data file beside it
+    (onnxruntime maps it instead of copying), the files are gone afterwards, and the session computes what
+    the model says."""
     import os
 
     import onnxruntime as ort
@@ -121,15 +122,19 @@ def test_onnxruntime_reads_models_from_a_temporary_file(monkeypatch):
     given = []
 
     def recording(model, *args, **kwargs):
-        given.append(model)
+        stored = onnx.load(model, load_external_data=False).graph.initializer
+        given.append((model, [t.data_location == onnx.TensorProto.EXTERNAL for t in stored]))
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(runtime.ort, "InferenceSession", recording)
     m = weighted_model()
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     expected = x @ numpy_helper.to_array(m.graph.initializer[0])
-    for model in (m, m.SerializeToString()):
+    before = m.SerializeToString()
+    for model, external in ((m, [True]), (before, [False])):
         sess = runtime.session(model, runtime.RuntimeSettings())
-        assert isinstance(given[-1], str) and given[-1].endswith(".onnx")
-        assert not os.path.exists(given[-1])
+        path, stored_external = given[-1]
+        assert isinstance(path, str) and path.endswith(".onnx") and stored_external == external
+        assert not os.path.exists(path)
         np.testing.assert_allclose(runtime.run(sess, {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
+    assert m.SerializeToString() == before  # the caller's model untouched
