@@ -83,7 +83,8 @@ def _written(model: onnx.ModelProto | bytes, folder: str) -> str:
     parsing and copying them, so a weight only a few rows of which are read (an embedding table) costs
     what is read. Measured by the resident memory a session adds: PP-OCRv4 rec (10 MB) 60 MB from bytes,
     25 MB from a file; MiniLM (86 MB) 127 MB from a file with the weights inline, 52 MB with them beside
-    it. This is also how a model past protobuf's 2 GB limit gets loaded."""
+    it. A model past protobuf's 2 GB limit loads this way too, as long as what stays inline (weights inside
+    If/Loop bodies, Constant nodes) is under it."""
     path = os.path.join(folder, "model.onnx")
     if isinstance(model, bytes):
         with open(path, "wb") as f:
@@ -94,14 +95,15 @@ def _written(model: onnx.ModelProto | bytes, folder: str) -> str:
     _copy_fields(model.graph, light.graph, skip="initializer")
     with open(os.path.join(folder, DATA_FILE), "wb") as data:
         for tensor in model.graph.initializer:
-            if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else b""  # each read of raw_data is a copy
+            if len(raw) < EXTERNAL_MIN_BYTES:
                 light.graph.initializer.append(tensor)
                 continue
             data.write(b"\0" * (-data.tell() % PAGE))
             offset = data.tell()
-            data.write(tensor.raw_data)
+            data.write(raw)
             stored = light.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, data_location=onnx.TensorProto.EXTERNAL)
-            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(tensor.raw_data)))):
+            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
                 stored.external_data.add(key=key, value=value)
     with open(path, "wb") as f:
         f.write(light.SerializeToString())
