@@ -1,7 +1,7 @@
 """The one way graphopt runs onnxruntime: sessions from a ModelProto, runs over lists of feeds.
 
-A ModelProto or its bytes reach onnxruntime as a temporary file, a ModelProto's weights in a data file
-beside it (see `_written`).
+A ModelProto reaches onnxruntime as a temporary file, its weights in a data file beside it (see
+`_written`).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class RuntimeSettings:
     profile_prefix: str | None = None  # turns on onnxruntime's profiler; its JSON goes to this prefix
 
 
-def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> ort.InferenceSession:
-    """An InferenceSession for a ModelProto, serialized bytes or a path. Load failures become a
+def session(model: onnx.ModelProto | str, settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> ort.InferenceSession:
+    """An InferenceSession for a ModelProto or a path. Load failures become a
     UserError naming `what` and onnxruntime's reason."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = LEVELS[settings.level]
@@ -74,7 +74,7 @@ def session(model: onnx.ModelProto | bytes | str, settings: RuntimeSettings = Ru
         raise UserError(f"onnxruntime cannot load {what}: {_first_line(exc)}") from exc
 
 
-def _written(model: onnx.ModelProto | bytes, folder: str) -> str:
+def _written(model: onnx.ModelProto, folder: str) -> str:
     """`model` saved in `folder` for onnxruntime to read; its path.
 
     onnxruntime is handed a file, never bytes: its Python session keeps the bytes it was given for as long
@@ -86,10 +86,6 @@ def _written(model: onnx.ModelProto | bytes, folder: str) -> str:
     it. A model past protobuf's 2 GB limit loads this way too, as long as what stays inline (weights inside
     If/Loop bodies, Constant nodes) is under it."""
     path = os.path.join(folder, "model.onnx")
-    if isinstance(model, bytes):
-        with open(path, "wb") as f:
-            f.write(model)
-        return path
     light = onnx.ModelProto()
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
@@ -131,7 +127,7 @@ def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[s
     return dict(zip(names, values))
 
 
-def run_all(model: onnx.ModelProto | bytes, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> list[dict[str, np.ndarray]]:
+def run_all(model: onnx.ModelProto | str, feeds: list[dict[str, np.ndarray]], settings: RuntimeSettings = RuntimeSettings(), what: str = "model") -> list[dict[str, np.ndarray]]:
     """Outputs of `model` for every feed, one session."""
     sess = session(model, settings, what)
     try:

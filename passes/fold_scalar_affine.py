@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from graphopt.graph import NameGenerator, attribute, consumers, drop_unread, initializers, is_op, iter_graphs, output_names, producers, remove_nodes, scalar_constant, scalar_operand
+from graphopt.graph import NameGenerator, attribute, consumers, drop_unread, initializers, is_op, iter_graphs, only_reader, output_names, producers, remove_nodes, scalar_constant, scalar_operand
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 
@@ -99,10 +99,10 @@ def _problem(conv: onnx.NodeProto, chain: _Chain, read_by, outputs: set[str], in
         return "it pads its input, so a folded offset would be wrong at the borders"
     for node in chain.nodes:
         name = node.output[0]
-        if name in outputs or len(read_by.get(name, [])) != 1:
+        if name in outputs or only_reader(read_by, name) is None:
             return f"{name} is also read elsewhere or is a graph output"
     for name in conv.input[1:3]:
-        if name and (name not in inits or inits[name].data_type != TensorProto.FLOAT or len(read_by.get(name, [])) != 1):
+        if name and (name not in inits or inits[name].data_type != TensorProto.FLOAT or only_reader(read_by, name) is None):
             return f"{name} is not a float32 initializer used by this Conv alone"
     return None
 
