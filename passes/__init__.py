@@ -18,6 +18,7 @@ LOSSLESS = [
     "fold-batchnorm",
     "fold-scalar-affine",
     "fuse-hard-sigmoid",
+    "scalar-affine-to-conv",  # after fuse-hard-sigmoid: onnxruntime fuses the hard swish before the chain into its Conv
     "fold-shared-weights",
     "merge-duplicate-nodes",
     "remove-dead-code",

@@ -17,16 +17,16 @@ def const(name: str, value) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, np.float32), name)
 
 
-def affine_conv_model(kernel: int = 1, pads: int = 0, group: int = 1, bias: bool = True, extra_output: str = "") -> onnx.ModelProto:
-    """x -> Mul(x, 1.7) -> Add(-0.4, .) -> Conv(k x k, group, pads) -> y"""
+def affine_conv_model(kernel: int = 1, pads: int = 0, group: int = 1, bias: bool = True, extra_output: str = "", offset: bool = True) -> onnx.ModelProto:
+    """x -> Mul(x, 1.7) -> Add(-0.4, .) -> Conv(k x k, group, pads) -> y (without the Add when not `offset`)"""
     rng = np.random.default_rng(0)
     inputs = ["a", "w", "b"] if bias else ["a", "w"]
     nodes = [
-        helper.make_node("Mul", ["x", "scale"], ["m"]),
-        helper.make_node("Add", ["offset", "m"], ["a"]),
+        helper.make_node("Mul", ["x", "scale"], ["m" if offset else "a"]),
+        *([helper.make_node("Add", ["offset", "m"], ["a"])] if offset else []),
         helper.make_node("Conv", inputs, ["y"], name="conv", kernel_shape=[kernel, kernel], pads=[pads] * 4, group=group),
     ]
-    inits = [const("scale", 1.7), const("offset", [-0.4]), const("w", rng.standard_normal((8, 8 // group, kernel, kernel)))]
+    inits = [const("scale", 1.7)] + ([const("offset", [-0.4])] if offset else []) + [const("w", rng.standard_normal((8, 8 // group, kernel, kernel)))]
     inits += [const("b", rng.standard_normal(8))] if bias else []
     outputs = [helper.make_tensor_value_info("y", F, [2, 8, None, None])] + ([helper.make_tensor_value_info(extra_output, F, [2, 8, 6, 6])] if extra_output else [])
     return make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 8, 6, 6])], outputs, inits)
@@ -47,7 +47,7 @@ def test_scale_and_offset_fold_into_a_pointwise_conv():
     assert result.counts == {"convs_folded_into": 1, "nodes_removed": 2}
     assert not {"w", "b", "scale", "offset"} & {t.name for t in model.graph.initializer}  # left unread, dropped
     w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == model.graph.node[0].input[1]))
-    original = numpy_helper.to_array(affine_conv_model().graph.initializer[2])
+    original = numpy_helper.to_array(next(t for t in affine_conv_model().graph.initializer if t.name == "w"))
     np.testing.assert_allclose(w, original * 1.7, rtol=1e-6)
 
 
@@ -64,6 +64,14 @@ def test_a_padded_conv_is_refused():
     result = run_pass(FoldScalarAffine(), model, seeded_feeds(model))
     assert not result.changed and op_types(model) == ["Mul", "Add", "Conv"]
     assert result.refused == ["Conv 'conv': it pads its input, so a folded offset would be wrong at the borders"]
+
+
+def test_a_scale_alone_folds_into_a_padded_conv():
+    """Without an offset the padding zeros stay zeros: exact at the borders too."""
+    model = affine_conv_model(kernel=3, pads=1, group=8, offset=False)
+    result = fold(model)
+    assert op_types(model) == ["Conv"] and model.graph.node[0].input[0] == "x"
+    assert result.counts == {"convs_folded_into": 1, "nodes_removed": 1}
 
 
 def test_a_chain_value_read_elsewhere_is_refused():
