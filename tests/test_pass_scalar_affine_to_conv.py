@@ -93,3 +93,34 @@ def test_a_weight_of_unknown_shape_is_refused():
     result = run_pass(ScalarAffineToConv(), model, seeded_feeds(model))
     assert not result.changed
     assert result.refused == ["Conv 'dw': its weight w2 is not a float32 initializer of this graph, so its input channels are not known"]
+
+
+def affine_pool_model(pool: str, channels: int | str = 16) -> onnx.ModelProto:
+    """x -> Relu -> Mul(., 0.5) -> Add(., 2.0) -> pool -> y"""
+    attrs = {"kernel_shape": [2, 2]} if pool in ("AveragePool", "MaxPool") else {}
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Mul", ["r", "scale"], ["m"]),
+        helper.make_node("Add", ["m", "offset"], ["a"]),
+        helper.make_node(pool, ["a"], ["y"], name="pool", **attrs),
+    ]
+    inputs = [helper.make_tensor_value_info("x", F, [2, channels, 10, 10])]
+    return make_model(nodes, inputs, [helper.make_tensor_value_info("y", F, [2, channels, None, None])], [const("scale", 0.5), const("offset", 2.0)])
+
+
+@pytest.mark.parametrize("pool", ["GlobalAveragePool", "AveragePool", "MaxPool"])
+def test_a_chain_before_pooling_becomes_a_depthwise_conv_with_the_channels_of_its_shape(pool):
+    model = affine_pool_model(pool)
+    before = copy_model(model)
+    feeds = seeded_feeds(model, n=2)
+    assert run_pass(ScalarAffineToConv(), model, feeds).counts == {"chains_rewritten": 1}
+    assert_same_outputs(before, model, feeds, rtol=1e-6, atol=1e-6)
+    assert op_types(model) == ["Relu", "Conv", pool]
+    assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == model.graph.node[1].input[1])).shape == (16, 1, 1, 1)
+
+
+def test_a_chain_before_pooling_without_a_static_channel_count_is_refused():
+    model = affine_pool_model("GlobalAveragePool", channels="C")
+    result = run_pass(ScalarAffineToConv(), model, seeded_feeds(model))
+    assert not result.changed and op_types(model) == ["Relu", "Mul", "Add", "GlobalAveragePool"]
+    assert result.refused == ["GlobalAveragePool 'pool': r is not [N, C, H, W] with a static C: [2, None, 10, 10]"]
