@@ -124,3 +124,22 @@ def test_a_chain_before_pooling_without_a_static_channel_count_is_refused():
     result = run_pass(ScalarAffineToConv(), model, seeded_feeds(model))
     assert not result.changed and op_types(model) == ["Relu", "Mul", "Add", "GlobalAveragePool"]
     assert result.refused == ["GlobalAveragePool 'pool': r is not [N, C, H, W] with a static C: [2, None, 10, 10]"]
+
+
+def test_chains_before_a_conv_and_before_pooling_in_one_graph():
+    """The pooling chain's channels come from a run of the model, which must see it before any rewrite."""
+    model = conv_affine_conv_model()
+    model.graph.node.extend(
+        [
+            helper.make_node("Relu", ["y"], ["r2"]),
+            helper.make_node("Mul", ["r2", "scale"], ["m2"]),
+            helper.make_node("Add", ["m2", "offset"], ["a2"]),
+            helper.make_node("GlobalAveragePool", ["a2"], ["pooled"], name="pool"),
+        ]
+    )
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("pooled", F, [2, 16, 1, 1]))
+    before = copy_model(model)
+    feeds = seeded_feeds(model, n=2)
+    assert run_pass(ScalarAffineToConv(), model, feeds).counts == {"chains_rewritten": 2}
+    assert_same_outputs(before, model, feeds, rtol=1e-5, atol=1e-5)
+    assert op_types(model) == ["Conv", "Relu", "Conv", "Conv", "Relu", "Conv", "GlobalAveragePool"]
