@@ -12,6 +12,12 @@ Rewrites (main graph only; If/Loop/Scan bodies are left alone, their activations
   Gemm(., B constant, C constant or absent) -> x         => B's output columns / s (transB respected), C / s
   Mul(., c constant) -> x                                => c / s
   Add(y, c constant) -> x, y made by any case above      => c / s, and y's producer divided too (y read only here)
+  GELU spelled out with Erf (x * 0.5 * (1 + erf(x / sqrt(2))), any order) -> x
+                                                         => a Mul(x, 1 / s) after it, read by the MatMul/Gemm
+                                                            readers only: onnxruntime fuses the spelled-out
+                                                            GELU into one kernel only while its constants are
+                                                            scalars (MiniLM: 4 of its 6 GELUs were no longer
+                                                            fused when their 0.5 became per channel)
   x -> MatMul(x, W 2-D constant) / Gemm(x, B, transA=0)  => W's input rows * s (B's columns when transB=1)
   x -> any other reader (residual Add, ...)              => that reader gets Mul(x', s), with restore_others=true
   x -> Shape/Size                                        => unchanged (the shape does not change)
@@ -40,6 +46,7 @@ from graphopt.graph import (
     attribute,
     consumers,
     drop_unread,
+    is_op,
     output_names,
     producers,
     rename_node_reads,
@@ -72,6 +79,7 @@ class _Candidate:
     linear: list[onnx.NodeProto]  # MatMul/Gemm readers whose weights take s
     others: list[onnx.NodeProto]  # readers that get Mul(x', s)
     divisions: list[_Division] = field(default_factory=list)
+    explicit: bool = False  # x / s is a Mul of its own that only the MatMul/Gemm readers read
 
 
 @register
@@ -125,7 +133,8 @@ class SmoothQuant(Pass):
                 "activation": c.activation, "alpha": alphas[best], "outlier_ratio": round(ratio, 2),
                 "ratio_after": round(_outlier_ratio(maxima[c.activation] / s), 2),
                 "estimated_error": [round(before, 5), round(after[best], 5)],
-                "weights": [n.name or n.output[0] for n in c.linear], "restored_for": [n.name or n.output[0] for n in c.others],
+                "weights": [n.name or n.output[0] for n in c.linear], "restored_for": [] if c.explicit else [n.name or n.output[0] for n in c.others],
+                "divided_by": "an explicit Mul (the producer ends a GELU)" if c.explicit else "the producer's constants",
             })
         _insert_after_producers(graph, restores)
         drop_unread(graph, replaced)
@@ -135,6 +144,8 @@ class SmoothQuant(Pass):
     def _candidate(self, graph: onnx.GraphProto, x: str, linear, others, made_by, readers) -> _Candidate:
         if x in output_names(graph):
             raise _Refused("it is a graph output (its value must stay as it is)")
+        if _ends_erf_gelu(made_by.get(x), made_by):
+            return _Candidate(x, linear, others, explicit=True)
         if others and not self.restore_others:
             kinds = ", ".join(sorted({n.op_type for n in others}))
             raise _Refused(f"it is also read by {kinds}, not only by MatMul/Gemm with a constant weight (restore_others=false)")
@@ -248,6 +259,16 @@ def _divisions(graph: onnx.GraphProto, x: str, made_by, readers) -> list[_Divisi
     raise _Refused(f"its producer {node.op_type} cannot absorb a per-channel scale")
 
 
+def _ends_erf_gelu(node: onnx.NodeProto | None, made_by) -> bool:
+    """`node` is the last Mul of a GELU spelled out with Erf: an Erf within three Add/Mul steps up."""
+
+    def erf_above(name: str, steps: int) -> bool:
+        p = made_by.get(name)
+        return p is not None and (is_op(p, "Erf") or (steps > 1 and (is_op(p, "Add") or is_op(p, "Mul")) and any(erf_above(i, steps - 1) for i in p.input)))
+
+    return is_op(node, "Mul") and any(erf_above(i, 3) for i in node.input)
+
+
 def _channel_maxima(model: onnx.ModelProto, names: list[str], feeds) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| over the feeds, streamed one feed at a time."""
     maxima: dict[str, np.ndarray] = {}
@@ -268,10 +289,13 @@ def _outlier_ratio(channel_max: np.ndarray | None) -> float:
 
 
 def _rewrite(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGenerator, restores: list) -> set[str]:
-    """Divide the producer's constants by s, multiply the readers' weight rows by s, restore x for others
-    (the Mul nodes are appended to `restores`, to be placed once all rewrites are done: rebuilding the
-    node list detaches the node objects other candidates hold). Every changed constant becomes a new
+    """Divide the producer's constants by s (or x by an explicit Mul), multiply the readers' weight rows by
+    s, restore x for others (the new Mul nodes are appended to `restores`, to be placed once all rewrites
+    are done: rebuilding the node list detaches the node objects other candidates hold). Every changed constant becomes a new
     initializer (the old one may be shared with other nodes); returns the names replaced."""
+    if c.explicit:
+        restores.append(_divide_explicitly(graph, c, s, names))
+        return {n.input[1] for n in c.linear}
     channels = s.size
     updates = []
     for d in c.divisions:
@@ -279,6 +303,16 @@ def _rewrite(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGe
         updates.append((d.node, d.input_index, _divide(value, s, d.axis, channels)))
     replaced = {d.node.input[d.input_index] for d in c.divisions} | {n.input[1] for n in c.linear}
     builder = qdq.QdqBuilder(graph, names)
+    _scale_weights(graph, c, s, builder)
+    for node, k, value in updates:
+        node.input[k] = builder.initializer(f"{node.input[k]}_smoothed", value)
+    if c.others:
+        restores.append(_restore(graph, c, s, names))
+    return replaced
+
+
+def _scale_weights(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, builder: qdq.QdqBuilder) -> None:
+    """Multiply the input rows of the readers' weights by s (new initializers; a shared one scaled once)."""
     scaled: dict[tuple[str, bool], str] = {}
     for node in c.linear:
         trans = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
@@ -288,11 +322,19 @@ def _rewrite(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGe
             new = (w * s[None, :] if trans else w * s[:, None]).astype(w.dtype)
             scaled[key] = builder.initializer(f"{node.input[1]}_smoothed", new)
         node.input[1] = scaled[key]
-    for node, k, value in updates:
-        node.input[k] = builder.initializer(f"{node.input[k]}_smoothed", value)
-    if c.others:
-        restores.append(_restore(graph, c, s, names))
-    return replaced
+
+
+def _divide_explicitly(graph: onnx.GraphProto, c: _Candidate, s: np.ndarray, names: NameGenerator) -> onnx.NodeProto:
+    """The MatMul/Gemm readers read x * (1 / s) from a Mul of their own, with s in their weights; returns
+    that Mul. The other readers keep reading x."""
+    dtype = qdq.weight(graph, c.linear[0].input[1]).dtype
+    builder = qdq.QdqBuilder(graph, names)
+    inverse = builder.initializer(f"{c.activation}_smoothing_inverse", (1.0 / s).astype(dtype))
+    divided = names(f"{c.activation}_smoothed")
+    for node in c.linear:
+        rename_node_reads(node, {c.activation: divided})
+    _scale_weights(graph, c, s, builder)
+    return helper.make_node("Mul", [c.activation, inverse], [divided], name=names(f"{c.activation}_smooth_Mul"))
 
 
 def _divide(value: np.ndarray, s: np.ndarray, axis: int | None, channels: int) -> np.ndarray:

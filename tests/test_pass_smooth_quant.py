@@ -162,3 +162,41 @@ def test_mul_producer_with_scalar_constant():
     assert result.changed
     assert constant_value(after.graph, after.graph.node[0].input[1]).shape == (C,)
     assert_same_outputs(model, after, feeds, rtol=1e-4, atol=1e-4)
+
+
+def gelu_model():
+    """x -> MatMul(w0) -> h -> GELU spelled out with Erf (as torch exports it) -> a -> MatMul(w) -> y, and h's
+    GELU also read by a residual Add; w0 has an outlier column, so a has an outlier channel"""
+    w0 = RNG.standard_normal([C, C]).astype(np.float32)
+    w0[:, 9] *= 40.0
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["p"]),
+        helper.make_node("Mul", ["h", "p"], ["hp"]),
+        helper.make_node("Mul", ["hp", "half"], ["a"]),
+        helper.make_node("MatMul", ["a", "w"], ["y"], name="mm"),
+        helper.make_node("Add", ["a", "x"], ["r"], name="residual"),
+    ]
+    scalar = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
+    inits = [numpy_helper.from_array(w0, "w0"), scalar("sqrt2", 1.4142135), scalar("one", 1.0), scalar("half", 0.5), floats("w", [C, C])]
+    return make_model(nodes, [vi("x", [16, C])], [vi("y", [16, C]), vi("r", [16, C])], inits)
+
+
+def test_a_gelu_producer_is_divided_by_an_explicit_mul_so_onnxruntime_still_fuses_the_gelu():
+    from graphopt import profiling
+    from graphopt.runtime import RuntimeSettings
+
+    model = gelu_model()
+    feeds = seeded_feeds(model, n=4)
+    after, result = smooth(model, feeds)
+    assert result.changed and result.details["smoothed"][0]["divided_by"] == "an explicit Mul (the producer ends a GELU)"
+    assert_same_outputs(model, after, feeds, rtol=1e-4, atol=1e-4)
+    assert constant_value(after.graph, "half").shape == ()  # the GELU's constants stay scalars
+    divide = next(n for n in after.graph.node if n.op_type == "Mul" and n.input[0] == "a")
+    assert next(n for n in after.graph.node if n.name == "mm").input[0] == divide.output[0]
+    assert next(n for n in after.graph.node if n.name == "residual").input[0] == "a"  # reads the GELU itself
+    assert outlier_ratio(channel_max(after, feeds, divide.output[0])) < outlier_ratio(channel_max(model, feeds, "a")) / 3
+    fused = profiling.optimized_graph(after, RuntimeSettings(level="all", threads=1))
+    assert any(n.op_type in ("Gelu", "BiasGelu") for n in fused.graph.node), [n.op_type for n in fused.graph.node]
