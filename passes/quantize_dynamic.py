@@ -35,7 +35,7 @@ Refused (node left float, listed in details["kept_float"] with a reason):
                  in bodies: the model's output cosine with only that node quantized; sensitivity=model
                  ranks every node that way, one model run each), and the most sensitive go back to float
                  until the budget holds (fallback=true; doubling then bisection)
-  slower       - (main graph, latency_fallback=true; nodes inside bodies are not profiled) onnxruntime's
+  slower       - (latency_fallback=true; inside bodies too) onnxruntime's
                  per-node profile on two calibration feeds, with every candidate quantized, shows the node's
                  integer kernels (its share of a shared DynamicQuantizeLinear included) slower than its float
                  kernel (with a bias Add the integer kernel absorbed). Small LSTMs
@@ -109,7 +109,7 @@ class QuantizeDynamic(Pass):
     min_weight_elements: int = 4096
     ops: str = "MatMul,Gemm,LSTM"
     weight_bits: int = 0  # 8, 7, or 0: whichever is more accurate on this machine
-    latency_fallback: bool = True  # main-graph nodes whose quantized kernels profile slower stay float
+    latency_fallback: bool = True  # nodes whose quantized kernels profile slower stay float
     sensitivity: str = "layer"  # how the fallback ranks nodes: "layer" (own output error) or "model" (see below)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -313,8 +313,9 @@ def _key(node: onnx.NodeProto) -> str:
 
 
 def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext, kept_float: list[dict]) -> list[_Site]:
-    """`sites` without the main-graph ones whose quantized kernels take longer than their float kernels in
-    onnxruntime's per-node profile (level all, two calibration feeds), everything quantized at once.
+    """`sites` without those whose quantized kernels take longer than their float kernels in onnxruntime's
+    per-node profile (level all, two calibration feeds), everything quantized at once. A node inside an
+    If/Loop/Scan body is profiled like any other, its time summed over the iterations of a run.
 
     Quantized side: the kernels of the nodes the rewrite made for the site, under the names it gave them
     (onnxruntime names DynamicQuantizeMatMul / MatMulIntegerToFloat after the MatMulInteger node it fuses),
@@ -323,25 +324,26 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
     that the quantized profile no longer has (a bias Add fused into the integer kernel; not another site,
     which is gone because it was rewritten). A site the float
     profile does not show (fused into something else) is not judged."""
-    main = [s for s in sites if s.graph == 0]
-    if not main or not ctx.calibration:
+    if not sites or not ctx.calibration:
         return sites
     named = copy_model(base)
-    keys = {s.output for s in main}
-    for node in named.graph.node:
-        if node.output and _key(node) in keys and not node.name:
-            node.name = _key(node)  # the site's name, which the quantized nodes are named after
+    keys = {(s.graph, s.output) for s in sites}
+    graphs = list(iter_graphs(named.graph))
+    for index, graph in enumerate(graphs):
+        for node in graph.node:
+            if node.output and (index, _key(node)) in keys and not node.name:
+                node.name = _key(node)  # the site's name, which the quantized nodes are named after
+    readers = [consumers(graph) for graph in graphs]
     quantized = copy_model(named)
-    charges = _apply(quantized, main, _Format(True, 8))
+    charges = _apply(quantized, sites, _Format(True, 8))
     float_times, quant_times = ctx.node_times([named, quantized])
-    quant_names, site_names = {t.name for t in quant_times}, {s.node for s in main}
-    readers = consumers(named.graph)
+    quant_names, site_names = {t.name for t in quant_times}, {s.node for s in sites}
     slower = set()
-    for s in main:
+    for s in sites:
         mine = [t for t in float_times if t.name == s.node or t.name.startswith(s.node + "/")]
         if not mine:
             continue
-        fused_away = {r.name for r in readers.get(s.output, []) if r.name and r.name not in quant_names and r.name not in site_names}
+        fused_away = {r.name for r in readers[s.graph].get(s.output, []) if r.name and r.name not in quant_names and r.name not in site_names}
         f = sum(t.ms for t in mine) + sum(t.ms for t in float_times if t.name in fused_away)
         charged = [(t, len(charges[t.name])) for t in quant_times if s.node in charges.get(t.name, ())]
         q = sum(t.ms / shared for t, shared in charged)

@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 from graphopt import runtime
 from graphopt.activations import ActivationCache
-from graphopt.graph import constant_value, copy_model
+from graphopt.graph import constant_value, copy_model, iter_graphs
 from graphopt.passes.qdq import fake_quantize_dynamic
 from graphopt.passes.quantize_dynamic import QuantizeDynamic
 from graphopt.passes.qdq import quantize_per_channel
@@ -300,13 +300,17 @@ def test_old_opset_is_upgraded():
     assert_close(model, after, feeds)
 
 
-def test_matmul_inside_if_branch():
-    """c -> If(then: x -> MatMul(W_then) -> t, else: x -> Identity -> t) -> y"""
+def if_model():
+    """c -> If(then: x -> MatMul 'body_mm' (W_then) -> t, else: x -> Identity -> t) -> y"""
     then_graph = helper.make_graph([helper.make_node("MatMul", ["x", "w_then"], ["t"], name="body_mm")], "then", [], [vi("t", [8, 64])], [weight("w_then", [64, 64])])
     else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", [8, 64])])
     node = helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)
     model = make_model([node], [vi("c", [], TP.BOOL), vi("x", [8, 64])], [vi("y", [8, 64])])
-    feeds = [dict(f, c=np.array(True)) for f in seeded_feeds(model)]
+    return model, [dict(f, c=np.array(True)) for f in seeded_feeds(model)]
+
+
+def test_matmul_inside_if_branch():
+    model, feeds = if_model()
     after, result = quantize(model, feeds)
     assert result.details["quantized"] == {"MatMul": 1}
     body = next(a.g for a in after.graph.node[0].attribute if a.name == "then_branch")
@@ -439,8 +443,9 @@ def stub_profile(monkeypatch, float_ms: dict[str, float], quantized_ms: dict[str
     from graphopt import profiling
 
     def profile(model):
-        times = quantized_ms if any(n.op_type == "MatMulInteger" for n in model.graph.node) else float_ms
-        return [profiling.NodeTime(n.name, n.op_type, times[n.name]) for n in model.graph.node if n.name in times]
+        nodes = [n for g in iter_graphs(model.graph) for n in g.node]
+        times = quantized_ms if any(n.op_type == "MatMulInteger" for n in nodes) else float_ms
+        return [profiling.NodeTime(n.name, n.op_type, times[n.name]) for n in nodes if n.name in times]
 
     def node_times(models, feeds, settings, rounds=10):
         return [profile(m) for m in models]
@@ -498,6 +503,20 @@ def test_matmul_latency_guard_leaves_a_node_the_float_profile_does_not_show(monk
     assert result.changed and kept(result) == {}
 
 
+@pytest.mark.parametrize("integer_ms, kept_quantized", [(0.7, True), (1.3, False)])
+def test_matmul_latency_guard_judges_nodes_inside_bodies(monkeypatch, integer_ms, kept_quantized):
+    """The If branch's MatMul takes 1 ms in float (over the iterations of a run), its integer kernels
+    `integer_ms` with the 0.1 ms DynamicQuantizeLinear: judged like a main-graph node."""
+    stub_profile(monkeypatch, {"body_mm": 1.0}, {"body_mm_MatMulInteger": integer_ms, "x_DynamicQuantizeLinear": 0.1})
+    model, feeds = if_model()
+    after, result = quantize(model, feeds, latency_fallback=True)
+    assert result.changed is kept_quantized
+    body = next(a.g for a in after.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in body.node] == (QUANTIZED_OPS if kept_quantized else ["MatMul"])
+    if not kept_quantized:
+        assert kept(result)["body_mm"] == ("slower", "DynamicQuantizeLinear + MatMulInteger 1.400 ms vs MatMul 1.000 ms per run (onnxruntime profile)")
+
+
 def test_fused_dynamic_matmul_is_named_after_its_matmulinteger_node():
     """What the latency guard relies on: onnxruntime's real profile names the fused integer kernel after
     the MatMulInteger node this pass writes (`<node>_MatMulInteger`)."""
@@ -509,3 +528,13 @@ def test_fused_dynamic_matmul_is_named_after_its_matmulinteger_node():
     after, _ = quantize(model, feeds)
     [times] = profiling.node_times([after], feeds, RuntimeSettings(level="all"), rounds=1)
     assert ("mm_MatMulInteger", "DynamicQuantizeMatMul") in {(t.name, t.op_type) for t in times}
+
+
+def test_onnxruntime_profiles_a_body_node_under_the_name_the_latency_guard_looks_for():
+    from graphopt import profiling
+    from graphopt.runtime import RuntimeSettings
+
+    model, feeds = if_model()
+    after, _ = quantize(model, feeds)
+    [times] = profiling.node_times([after], feeds, RuntimeSettings(level="all"), rounds=1)
+    assert ("body_mm_MatMulInteger", "DynamicQuantizeMatMul") in {(t.name, t.op_type) for t in times}
