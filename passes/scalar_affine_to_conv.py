@@ -23,8 +23,8 @@ model measures faster.
 
 Refused (reason recorded; the nodes stay): a tensor inside the chain (not its result) is read elsewhere or
 is a graph output; C is not known (the reading Conv's weight is not a float32 initializer of this graph;
-before pooling, x's shape is not a confirmed [N, C, H, W] with C static). Not a match: a reader whose
-input is not such a chain.
+before pooling, x is not known to be float32 or its shape is not a confirmed [N, C, H, W] with C static).
+Not a match: a reader whose input is not such a chain.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def _channels(reader: onnx.NodeProto, chain: ScalarAffineChain, inits: dict, fac
         if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) < 3:
             return f"its weight {reader.input[1]} is not a float32 initializer of this graph, so its input channels are not known"
         return weight.dims[1] * attribute(reader, "group", 1), len(weight.dims) - 2
+    if facts().elem_types.get(chain.source) != TensorProto.FLOAT:
+        return f"{chain.source} is not known to be float32"
     dims = facts().shape(chain.source)
     if isinstance(dims, str):
         return f"the channels of {chain.source} are not known: {dims}"

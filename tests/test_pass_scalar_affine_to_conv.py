@@ -143,3 +143,17 @@ def test_chains_before_a_conv_and_before_pooling_in_one_graph():
     assert run_pass(ScalarAffineToConv(), model, feeds).counts == {"chains_rewritten": 2}
     assert_same_outputs(before, model, feeds, rtol=1e-5, atol=1e-5)
     assert op_types(model) == ["Conv", "Relu", "Conv", "Conv", "Relu", "Conv", "GlobalAveragePool"]
+
+
+def test_a_float16_chain_before_pooling_is_refused():
+    """The depthwise Conv's weight would be float32 beside a float16 input: not written."""
+    half = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float16), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Mul", ["r", "scale"], ["m"]),
+        helper.make_node("Add", ["m", "offset"], ["a"]),
+        helper.make_node("GlobalAveragePool", ["a"], ["y"], name="pool"),
+    ]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 16, 10, 10])], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 16, 1, 1])], [half("scale", 0.5), half("offset", 2.0)])
+    result = run_pass(ScalarAffineToConv(), model, seeded_feeds(model))
+    assert not result.changed and result.refused == ["GlobalAveragePool 'pool': r is not known to be float32"]
