@@ -222,7 +222,7 @@ class _Accepted:
 
 
 class _LazyFloors:
-    """onnxruntime's own rounding difference on the input model, measured the first time it is needed."""
+    """The rounding floors of the input model (validate's module doc), measured the first time needed."""
 
     def __init__(self, model: onnx.ModelProto, feeds, disabled_outputs, report: Report):
         self._model, self._feeds, self._disabled, self._report = model, feeds, disabled_outputs, report
@@ -231,7 +231,8 @@ class _LazyFloors:
     def get(self) -> dict[str, float]:
         if self._floors is None:
             optimized = runtime.run_all(self._model, self._feeds, RuntimeSettings(level="all"), what="the input model")
-            self._floors = validate.rounding_floors(self._disabled, optimized)
+            moved = runtime.run_all(validate.weights_one_ulp_off(self._model), self._feeds, VALIDATION, what="the input model with its weights one ulp off")
+            self._floors = validate.rounding_floors(self._disabled, optimized, moved)
             self._report.rounding_floors = dict(self._floors)
         return self._floors
 

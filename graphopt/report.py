@@ -52,7 +52,7 @@ class Report:
     final: dict = field(default_factory=dict)  # output name -> OutputDiff as dict, vs the original
     metrics: dict = field(default_factory=dict)  # task metrics, e.g. {"accuracy": {"before": .97, "after": .97}}
     checker_level: str = "full"
-    rounding_floors: dict = field(default_factory=dict)  # output -> onnxruntime's own optimization difference, when measured
+    rounding_floors: dict = field(default_factory=dict)  # output -> float rounding's reach on the input (validate), when measured
     feeds: str = ""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -102,7 +102,7 @@ class Report:
             lines.append(f"vs original on {self.feeds}: max abs error {_num(worst_abs)}, max rel error {_num(worst_rel)}")
         if self.rounding_floors:
             floors = ", ".join(f"{k} {v:.2e}" for k, v in self.rounding_floors.items())
-            lines.append(f"rounding floor (onnxruntime ORT_ENABLE_ALL vs ORT_DISABLE_ALL on the input): {floors}")
+            lines.append(f"rounding floor (the input under onnxruntime's ORT_ENABLE_ALL or with its weights one ulp off, vs ORT_DISABLE_ALL): {floors}")
         for name, m in self.metrics.items():
             lines.append(f"{name}: {m['before']:.4f} -> {m['after']:.4f}")
         for r in self.records:

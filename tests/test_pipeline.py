@@ -154,14 +154,14 @@ def test_rounding_floor_is_measured_only_when_needed_and_can_be_switched_off(mon
     from graphopt import validate
 
     measured = []
-    monkeypatch.setattr(validate, "rounding_floors", lambda a, b: measured.append(1) or {"y": 1e-3})
+    monkeypatch.setattr(validate, "rounding_floors", lambda a, *variants: measured.append(len(variants)) or {"y": 1e-3})
     kept = graphopt.optimize(relu_neg_model(), passes=[ScaleOutput()], fixed_point=False, strict=True)
-    assert kept.report.records[0].status == "applied" and measured == [1]
+    assert kept.report.records[0].status == "applied" and measured == [2]  # one measurement: two variants
     assert kept.report.rounding_floors == {"y": 1e-3}
     strict = graphopt.optimize(relu_neg_model(), passes=[ScaleOutput()], fixed_point=False, strict=True, rounding_floor=False)
-    assert strict.report.records[0].status == "rolled back" and measured == [1]
+    assert strict.report.records[0].status == "rolled back" and measured == [2]
     tiny = graphopt.optimize(relu_neg_model(), passes=[ScaleOutput(eps=1e-7)], fixed_point=False, strict=True)
-    assert tiny.report.records[0].status == "applied" and measured == [1], "within the fixed tolerance: no floor measured"
+    assert tiny.report.records[0].status == "applied" and measured == [2], "within the fixed tolerance: no floor measured"
 
 
 def test_pass_that_breaks_the_optimized_load_is_found_and_rolled_back(monkeypatch):

@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import validate
 from graphopt.errors import UserError
+from tests.helpers import make_model
 
 
 def test_compare_metrics_by_hand():
@@ -50,7 +52,40 @@ def test_rounding_floor_widens_the_tolerance_to_twice_onnxruntimes_own_differenc
 def test_rounding_floors_measure_per_output_difference():
     a = [{"y": np.array([1.0, 2.0], np.float32), "i": np.array([1])}]
     b = [{"y": np.array([1.0, 2.5], np.float32), "i": np.array([1])}]
+    c = [{"y": np.array([1.25, 2.0], np.float32), "i": np.array([1])}]
     assert validate.rounding_floors(a, b) == {"y": 0.5}
+    assert validate.rounding_floors(a, c, b) == {"y": 0.5}  # the larger of the variants
+
+
+def test_weights_one_ulp_off_moves_only_linear_weights_and_biases_by_one_ulp():
+    """Conv weight and bias (initializers), a MatMul weight held in a Constant node: each element one ulp
+    up or down. The Reshape target and the scalar of a Mul stay as they are; so does the input model."""
+    rng = np.random.default_rng(0)
+    f = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[1, 1]),
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("Constant", [], ["m"], value=f("m_value", [4, 3])),
+        helper.make_node("MatMul", ["r", "m"], ["p"]),
+        helper.make_node("Mul", ["p", "half"], ["y"]),
+    ]
+    inits = [f("w", [4, 2, 1, 1]), f("b", [4]), numpy_helper.from_array(np.array([2, 4], np.int64), "shape"), numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 1, 2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    moved = validate.weights_one_ulp_off(model)
+
+    def values(m):
+        found = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        found["m"] = numpy_helper.to_array(m.graph.node[2].attribute[0].t)
+        return found
+
+    before, after = values(model), values(moved)
+    for name in ("w", "b", "m"):
+        steps = np.abs(after[name] - before[name]) / np.spacing(np.abs(before[name]))
+        assert np.all((steps >= 0.5) & (steps <= 1.0)), name  # one ulp (half of it when it crosses a power of two)
+        assert np.any(after[name] > before[name]) and np.any(after[name] < before[name]), name
+    for name in ("shape", "half"):
+        np.testing.assert_array_equal(after[name], before[name])
+    assert values(model)["w"].tobytes() == before["w"].tobytes()
 
 
 def test_sequence_and_optional_outputs_compare_element_by_element():
