@@ -322,8 +322,10 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
     a DynamicQuantizeLinear shared by several sites split evenly among them. Float side: the site's node,
     under its name or a fusion's name built on it ("mm/MatMulAddFusion"), plus the nodes reading its output
     that the quantized profile no longer has (a bias Add fused into the integer kernel; not another site,
-    which is gone because it was rewritten). A site the float
-    profile does not show (fused into something else) is not judged."""
+    which is gone because it was rewritten). The node making the site's input is charged to the quantized
+    side when only the quantized profile shows it: the float kernel had absorbed it (PP-OCRv4's CTC head
+    runs Transpose -> MatMul as one FusedMatMul with transA; quantized, the Transpose runs on its own). A
+    site the float profile does not show (fused into something else) is not judged."""
     if not sites or not ctx.calibration:
         return sites
     named = copy_model(base)
@@ -333,11 +335,12 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
         for node in graph.node:
             if node.output and (index, _key(node)) in keys and not node.name:
                 node.name = _key(node)  # the site's name, which the quantized nodes are named after
-    readers = [consumers(graph) for graph in graphs]
+    readers, made_by = [consumers(graph) for graph in graphs], [producers(graph) for graph in graphs]
+    site_nodes = {(index, _key(node)): node for index, graph in enumerate(graphs) for node in graph.node if node.output}
     quantized = copy_model(named)
     charges = _apply(quantized, sites, _Format(True, 8))
     float_times, quant_times = ctx.node_times([named, quantized])
-    quant_names, site_names = {t.name for t in quant_times}, {s.node for s in sites}
+    float_names, quant_names, site_names = {t.name for t in float_times}, {t.name for t in quant_times}, {s.node for s in sites}
     slower = set()
     for s in sites:
         mine = [t for t in float_times if t.name == s.node or t.name.startswith(s.node + "/")]
@@ -346,6 +349,12 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
         fused_away = {r.name for r in readers[s.graph].get(s.output, []) if r.name and r.name not in quant_names and r.name not in site_names}
         f = sum(t.ms for t in mine) + sum(t.ms for t in float_times if t.name in fused_away)
         charged = [(t, len(charges[t.name])) for t in quant_times if s.node in charges.get(t.name, ())]
+        # the node making the site's input, when the float kernel absorbed it (a Transpose into FusedMatMul's
+        # transA) and it runs on its own once the site is quantized, shared among the sites reading it
+        source = made_by[s.graph].get(site_nodes[(s.graph, s.output)].input[0])
+        if source is not None and source.name and source.name not in float_names:
+            sharing = sum(1 for r in readers[s.graph].get(source.output[0], []) if r.output and (s.graph, _key(r)) in keys)
+            charged += [(t, sharing) for t in quant_times if t.name == source.name]
         q = sum(t.ms / shared for t, shared in charged)
         if q > f:
             slower.add(s)

@@ -538,3 +538,18 @@ def test_onnxruntime_profiles_a_body_node_under_the_name_the_latency_guard_looks
     after, _ = quantize(model, feeds)
     [times] = profiling.node_times([after], feeds, RuntimeSettings(level="all"), rounds=1)
     assert ("body_mm_MatMulInteger", "DynamicQuantizeMatMul") in {(t.name, t.op_type) for t in times}
+
+
+@pytest.mark.parametrize("transpose_runs_alone, kept_quantized", [(True, False), (False, True)])
+def test_matmul_latency_guard_charges_a_transpose_the_float_kernel_had_absorbed(monkeypatch, transpose_runs_alone, kept_quantized):
+    """x -> Transpose 'tr' -> MatMul 'mm'. In float onnxruntime runs both as one kernel named after 'mm'
+    (FusedMatMul with transA), 1.0 ms; quantized, the integer kernels take 0.8 ms and, when the profile
+    shows 'tr' on its own (0.3 ms), that goes on the quantized side: 1.1 ms, slower."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], name="tr", perm=[0, 2, 1]), helper.make_node("MatMul", ["t", "w"], ["y"], name="mm")]
+    model = make_model(nodes, [vi("x", [2, 64, 8])], [vi("y", [2, 8, 64])], [weight("w", [64, 64])])
+    quantized = {"mm_MatMulInteger": 0.7, "t_DynamicQuantizeLinear": 0.1, **({"tr": 0.3} if transpose_runs_alone else {})}
+    stub_profile(monkeypatch, {"mm": 1.0}, quantized)
+    after, result = quantize(model, latency_fallback=True)
+    assert result.changed is kept_quantized
+    if not kept_quantized:
+        assert kept(result)["mm"] == ("slower", "DynamicQuantizeLinear + MatMulInteger + Transpose 1.100 ms vs MatMul 1.000 ms per run (onnxruntime profile)")
