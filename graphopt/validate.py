@@ -212,7 +212,10 @@ def weights_one_ulp_off(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProt
     rng = np.random.default_rng(seed)
     moved = copy_model(model)
     for graph in iter_graphs(moved.graph):
-        names = {node.input[k] for node in graph.node if node.op_type in WEIGHT_INPUTS and node.domain in STANDARD_DOMAINS for k in WEIGHT_INPUTS[node.op_type] if k < len(node.input) and node.input[k]}
+        names = set()
+        for node in graph.node:
+            if node.op_type in WEIGHT_INPUTS and node.domain in STANDARD_DOMAINS:
+                names.update(node.input[k] for k in WEIGHT_INPUTS[node.op_type] if k < len(node.input) and node.input[k])
         tensors = [t for t in graph.initializer if t.name in names]
         tensors += [a.t for n in graph.node if n.op_type == "Constant" and n.output[0] in names for a in n.attribute if a.name == "value"]
         for t in tensors:

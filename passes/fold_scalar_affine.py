@@ -95,7 +95,7 @@ def scalar_affine_chain(graph: onnx.GraphProto, name: str, made_by) -> ScalarAff
     return ScalarAffineChain(name, scale, offset, nodes)
 
 
-def pads_input(conv: onnx.NodeProto) -> bool:
+def _pads_input(conv: onnx.NodeProto) -> bool:
     """Whether the Conv reads padding (explicit pads or auto_pad SAME_*)."""
     auto_pad = attribute(conv, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -108,7 +108,7 @@ def read_elsewhere(nodes: list[onnx.NodeProto], read_by, outputs: set[str]) -> s
 
 
 def _problem(conv: onnx.NodeProto, chain: ScalarAffineChain, read_by, outputs: set[str], inits: dict) -> str | None:
-    if chain.offset != 0.0 and pads_input(conv):
+    if chain.offset != 0.0 and _pads_input(conv):
         return "it pads its input, so a folded offset would be wrong at the borders"
     shared = read_elsewhere(chain.nodes, read_by, outputs)
     if shared:

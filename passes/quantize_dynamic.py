@@ -336,7 +336,7 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
             if node.output and (index, _key(node)) in keys and not node.name:
                 node.name = _key(node)  # the site's name, which the quantized nodes are named after
     readers, made_by = [consumers(graph) for graph in graphs], [producers(graph) for graph in graphs]
-    site_nodes = {(index, _key(node)): node for index, graph in enumerate(graphs) for node in graph.node if node.output}
+    site_nodes = {(index, _key(node)): node for index, graph in enumerate(graphs) for node in graph.node if node.output and (index, _key(node)) in keys}
     quantized = copy_model(named)
     charges = _apply(quantized, sites, _Format(True, 8))
     float_times, quant_times = ctx.node_times([named, quantized])
