@@ -15,10 +15,12 @@ LOSSLESS = [
     "eliminate-identities",
     "fold-constants",
     "simplify-reshapes",
+    "softmax-last-axis",  # after simplify-reshapes: constant Reshape targets let onnx infer the ranks it needs
     "fold-batchnorm",
     "fold-scalar-affine",
     "fuse-hard-sigmoid",
     "scalar-affine-to-conv",  # after fuse-hard-sigmoid: onnxruntime fuses the hard swish before the chain into its Conv
+    "split-conv",  # after the folds: the Conv's weights are final when they are cut
     "fold-shared-weights",
     "merge-duplicate-nodes",
     "remove-dead-code",
