@@ -585,7 +585,7 @@ def format_table(variants: list[Variant], work: Workload) -> str:
             "" if v.label == "fp32" else f"{v.cpu_seconds:.1f}",
             _short("; ".join([v.error] * bool(v.error) + [n for n in v.notes if n != BEST_NOTE])),
         ))
-    return table(rows) + "\n(* = onnxruntime's best setting by " + work.primary + "; speed-up = fp32 median / median)"
+    return table(rows) + "\n(* = onnxruntime's best setting by " + work.primary + "; speed-up = 1 / the median of per-round latency ratios to fp32)"
 
 
 def _short(text: str, limit: int = 110) -> str:

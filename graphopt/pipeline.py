@@ -30,8 +30,8 @@ from graphopt.validate import Budget
 
 # Latency guard (passes whose `claims` is "speed" or "size"): the candidate is timed against the pass's
 # input, interleaved, at the target settings. A speed claim must beat the input by this much (a smaller
-# margin is within the noise of a 30-round median on a busy 2-core machine); a size claim may not be
-# slower by more than the noise.
+# margin is within the noise of one 30-round timing on a busy 2-core machine: identical sessions' paired
+# ratios strayed from 1 by up to 3-6%, see graphopt.bench); a size claim may not be slower by more than the noise.
 SPEED_RATIO = 0.97
 SIZE_RATIO = 1.03
 
@@ -155,8 +155,8 @@ class Pipeline:
     def _latency_problem(p: Pass, record: PassRecord, before: onnx.ModelProto, after, ctx: PassContext) -> str | None:
         """Time the candidate against the pass's input; a reason to roll back, or None. A change claiming
         speed that times faster, but by less than the margin, is timed once more and judged on the mean of
-        the two: a 30-round median moves by about 5% on a busy 2-core machine, so one timing of a 6-10% gain
-        can miss a 3% bar (MiniLM's fuse-attention: 0.939 and 0.929 in two runs, 0.979 in a third). A change
+        the two: one 30-round timing moves by a few percent on a busy 2-core machine, so one timing of a 6-10%
+        gain can miss a 3% bar (MiniLM's fuse-attention: 0.939 and 0.929 in two runs, 0.979 in a third). A change
         claiming size that times slower is timed once more and undone only if slower again: such changes often run
         the very graph they replaced (weights restored at load), and one interleaved timing on a busy machine
         moves by a few percent (PP-OCRv4 rec: int8 weights rolled back at 1.041, losing a 0.27x file).

@@ -181,7 +181,7 @@ class QuantizeWeights(Pass):
             candidates = [fmt for fmt in FORMATS[1:] if self.block_size or fmt != "matmulnbits"]
             models = [(fmt, _build(_prepared(model, weights, quantized, levels, fmt)[0], weights, quantized, levels, fmt)) for fmt in candidates]
             timings = ctx.latency(models)
-            best = min(timings, key=lambda t: t.median_ms)
+            best = min(timings, key=lambda t: t.ratio)  # paired with the first candidate round by round (graphopt.bench)
             ctx.decisions[key] = (best.label, {t.label: t.median_ms for t in timings})
         chosen, medians = ctx.decisions[key]
         shown = ", ".join(f"{label} {ms:.3f} ms" for label, ms in medians.items())
