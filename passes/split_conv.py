@@ -58,7 +58,8 @@ class SplitConv(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         names = NameGenerator(model)
         split, pieces, refused = 0, 0, []
-        for graph in iter_graphs(model.graph):
+        # innermost first: rebuilding a graph's node list (splice) copies its nodes and the bodies they hold
+        for graph in reversed(list(iter_graphs(model.graph))):
             made_by, read_by, outputs = producers(graph), consumers(graph), output_names(graph)
             rewrites = []
             for node in graph.node:

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import profiling
-from graphopt.graph import copy_model
+from graphopt.graph import attribute, copy_model
 from graphopt.passes.split_conv import SplitConv
 from graphopt.runtime import RuntimeSettings
 from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, seeded_feeds
@@ -166,3 +166,28 @@ def test_a_split_after_a_non_elementwise_op_is_not_a_match():
     model = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 4, 4, 4])], outputs, [const("w", np.ones((4, 4, 1, 1)))])
     result = run_pass(SplitConv(), model)
     assert not result.changed and not result.refused
+
+
+def test_pieces_inside_an_if_branch_and_in_the_main_graph():
+    """Bodies are searched too (their Conv weights are their own initializers), and the main graph's rewrite,
+    which rebuilds its node list and so copies the If node, keeps the body's."""
+    rng = np.random.default_rng(3)
+    body_nodes = [
+        helper.make_node("Conv", ["c2", "bw"], ["bc"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["bc"], ["br"]),
+        helper.make_node("Split", ["br"], ["b0", "b1"], axis=1),
+        helper.make_node("Concat", ["b1", "b0"], ["then_y"], axis=1),
+    ]
+    then_branch = helper.make_graph(body_nodes, "then", [], [helper.make_tensor_value_info("then_y", F, [2, 16, 5, 6])], initializer=[const("bw", rng.standard_normal((16, 16, 1, 1)))])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["c2"], ["else_y"])], "else", [], [helper.make_tensor_value_info("else_y", F, [2, 16, 5, 6])])
+    model = c2f_model()
+    model.graph.node.extend([helper.make_node("Conv", ["y", "w2"], ["c2"], kernel_shape=[1, 1]), helper.make_node("If", ["flag"], ["z"], then_branch=then_branch, else_branch=else_branch)])
+    model.graph.initializer.append(const("w2", rng.standard_normal((16, 16, 1, 1))))
+    model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", F, [2, 16, 5, 6]))
+    feeds = [{**f, "flag": np.array(True)} for f in seeded_feeds(c2f_model(), n=2)]
+    before = copy_model(model)
+    assert run_pass(SplitConv(), model, feeds).counts == {"convs_split": 2, "pieces": 4}
+    assert op_types(model)[:6] == ["Conv", "Sigmoid", "Mul", "Conv", "Sigmoid", "Mul"]
+    assert [n.op_type for n in attribute(model.graph.node[-1], "then_branch").node] == ["Conv", "Relu", "Conv", "Relu", "Concat"]
+    assert_same_outputs(before, model, feeds, rtol=0, atol=0)
