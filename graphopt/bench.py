@@ -83,6 +83,6 @@ def bench(
 
 
 def format_timings(timings: list[Timing]) -> str:
-    rows = [("model", "median ms", "p90 ms", "ratio", "load s")]
+    rows = [("model", "median ms", "p90 ms", "paired ratio", "load s")]  # ratio: see the module docstring
     rows += [(t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.ratio:.3f}", f"{t.load_seconds:.2f}") for t in timings]
     return table(rows)

@@ -226,7 +226,10 @@ def _demo(args) -> int:
         result = api.optimize(m, data=feeds, max_feeds=len(feeds.feeds), metric=api.accuracy)
     print(result.report.summary())
     timings = bench.bench([("original", m), ("optimized", result.model)], feeds.feeds[:32], rounds=300)
-    print(f"latency (onnxruntime, interleaved, {len(timings[0].runs_ms)} runs each): {timings[0].median_ms:.4f} ms -> {timings[1].median_ms:.4f} ms ({timings[1].ratio:.2f}x)")
+    print(
+        f"latency (onnxruntime, interleaved, {len(timings[0].runs_ms)} runs each): medians {timings[0].median_ms:.4f} ms -> {timings[1].median_ms:.4f} ms; "
+        f"ratio {timings[1].ratio:.2f}x (the median of each round's optimized / original run)"
+    )
     if args.output:
         model.save(result.model, args.output)
         print(f"wrote {args.output}")
