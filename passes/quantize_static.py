@@ -339,7 +339,7 @@ class QuantizeStatic(Pass):
         else:
             timings = ctx.latency([(name, models[name]) for name in candidates])
             best = min(timings, key=lambda t: t.ratio).label  # paired round by round (graphopt.bench)
-            why = "faster on this CPU: " + ", ".join(f"{t.label} {t.median_ms:.3f} ms" for t in timings)
+            why = f"faster on this CPU, median latency and ratio to {timings[0].label}: " + ", ".join(f"{t.label} {t.median_ms:.3f} ms ({t.ratio:.3f})" for t in timings)
         ctx.decisions[DECISION_KEY] = best
         return best, f"{best} activations ({why})"
 

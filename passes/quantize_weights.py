@@ -182,10 +182,10 @@ class QuantizeWeights(Pass):
             models = [(fmt, _build(_prepared(model, weights, quantized, levels, fmt)[0], weights, quantized, levels, fmt)) for fmt in candidates]
             timings = ctx.latency(models)
             best = min(timings, key=lambda t: t.ratio)  # paired with the first candidate round by round (graphopt.bench)
-            ctx.decisions[key] = (best.label, {t.label: t.median_ms for t in timings})
-        chosen, medians = ctx.decisions[key]
-        shown = ", ".join(f"{label} {ms:.3f} ms" for label, ms in medians.items())
-        notes.append(f"format {chosen} chosen by measurement (median latency: {shown})")
+            ctx.decisions[key] = (best.label, {t.label: (t.median_ms, t.ratio) for t in timings})
+        chosen, measured = ctx.decisions[key]
+        shown = ", ".join(f"{label} {ms:.3f} ms ({ratio:.3f})" for label, (ms, ratio) in measured.items())
+        notes.append(f"format {chosen} chosen by measurement (median latency and ratio to the first: {shown})")
         return chosen
 
     def _back_off(self, base, weights, quantized, levels, fmt, hessians, reference, problem, fallback, ctx):

@@ -138,8 +138,8 @@ def _plan(graph: onnx.GraphProto, split: onnx.NodeProto, region: ConvRegion, rea
     for node in region.nodes:
         for value in node.output:
             readers = read_by.get(value, [])
-            expected = (lambda r: r is split) if value == split.input[0] else (lambda r: id(r) in inside)
-            if value in outputs or not all(expected(r) for r in readers):
+            only_expected = all(r is split for r in readers) if value == split.input[0] else all(id(r) in inside for r in readers)
+            if value in outputs or not only_expected:
                 return f"{value} (between the Conv and the Split) is also read elsewhere or is a graph output"
     conv = region.conv
     if attribute(conv, "group", 1) != 1:
