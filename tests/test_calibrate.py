@@ -198,3 +198,53 @@ def test_min_max_only_stats_keep_no_histogram_and_agree_with_full_ones():
 def test_histogram_methods_refuse_min_max_only_stats(method):
     with pytest.raises(ValueError, match=f"{method}.*needs a histogram.*bins=0"):
         stats_of([1.0, -3.0, 2.0], bins=0).range(method)
+
+
+def _error_after(f, x: np.ndarray, window: tuple[float, float]) -> float:
+    """Mean squared error of f(x) when x is quantized to 255 uint8 steps over `window` (zero exact)."""
+    lo, hi = window
+    scale = (hi - lo) / 255.0
+    zero = np.round(-lo / scale)
+    q = np.clip(np.round(x / scale) + zero, 0, 255)
+    return float(np.mean((f((q - zero) * scale) - f(x)) ** 2))
+
+
+@pytest.mark.parametrize("transfer", ["silu", "sigmoid"])
+def test_transfer_window_minimizes_the_error_after_the_function(transfer):
+    """A Conv output read by SiLU (or Sigmoid) with a long negative tail: measured after the function,
+    the tail where the function is flat is clipped, and the actual error of the function's output is
+    lower than with the plain mse or the minmax window."""
+    x = np.concatenate([RNG.normal(-20, 10, 50_000), RNG.normal(2, 3, 50_000)]).astype(np.float32)
+    s = stats_of(x, bins=8192)
+    f = calibrate.TRANSFERS[transfer][0]
+    after = s.range("mse", transfer=transfer)
+    assert -15 < after[0] < -2 and after[0] > s.minimum
+    errors = {w: _error_after(f, x.astype(np.float64), s.range(w)) for w in ("minmax", "mse")}
+    assert _error_after(f, x.astype(np.float64), after) < 0.5 * min(errors.values())
+
+
+def test_transfer_window_is_the_best_pair_of_a_brute_force_grid():
+    """Both ends are searched apart: no window on a coarse grid of (lo, hi) does better by the same
+    error model (bins, f' inside, f at the edge outside)."""
+    x = np.concatenate([RNG.normal(-6, 4, 20_000), RNG.exponential(3, 20_000)]).astype(np.float32)
+    s = stats_of(x, bins=1024)
+    f, slope = calibrate.TRANSFERS["silu"]
+    width = s.limit / s.bins
+    centres = (np.arange(2 * s.bins) - s.bins + 0.5) * width
+    h = s.counts.astype(np.float64)
+
+    def cost(lo, hi):
+        inside = (centres >= lo) & (centres < hi)
+        clipped = f(np.clip(centres, lo, hi))
+        return float(np.sum(h * np.where(inside, slope(centres) ** 2 * ((hi - lo) / 255) ** 2 / 12, (f(centres) - clipped) ** 2)))
+
+    best = cost(*s.range("mse", transfer="silu"))
+    grid = [cost(lo, hi) for lo in np.linspace(s.minimum, 0, 40, endpoint=False) for hi in np.linspace(s.maximum, 0.1, 40)]
+    assert best <= min(grid) * 1.01
+
+
+def test_transfer_is_refused_outside_asymmetric_mse():
+    s = stats_of(RNG.standard_normal(100))
+    for kwargs in ({"transfer": "silu"}, {"transfer": "tanh", "method": "mse"}, {"transfer": "silu", "method": "mse", "symmetric": True}):
+        with pytest.raises(ValueError, match="only asymmetric mse"):
+            s.range(kwargs.pop("method", "minmax"), **kwargs)

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from graphopt import profiling, runtime
+from graphopt import calibrate, profiling, runtime
 from graphopt.bench import Timing
 from graphopt.errors import PassError
 from graphopt.activations import ActivationCache
@@ -515,13 +515,81 @@ def test_weight_bits_auto_keeps_the_more_faithful_as_onnxruntime_runs_it():
     feeds = seeded_feeds(model, 8)
     at_level_all = {}
     for bits in (8, 7):
-        after, _ = quantize(model, feeds, budget=LOOSE, weight_bits=bits)
+        after, _ = quantize(model, feeds, budget=LOOSE, weight_bits=bits, method="minmax")
         reference, got = (runtime.run_all(m, feeds, RuntimeSettings(level="all")) for m in (model, after))
         at_level_all[bits] = qdq.mean_cosine(reference, got)
-    after, result = quantize(model, feeds, budget=LOOSE, weight_bits=0)
+    after, result = quantize(model, feeds, budget=LOOSE, weight_bits=0, method="minmax")
     best = max(at_level_all, key=lambda b: (at_level_all[b], b))
     assert result.details["weight_bits"] == best
-    assert any(n.startswith(f"{best}-bit weights chosen by measurement: output cosine") for n in result.notes)
+    assert any(n.startswith(f"minmax ranges and {best}-bit weights chosen by measurement: output cosine") for n in result.notes)
+
+
+def _silu_model(mul_inputs=("c", "s")):
+    """x[1,4,8,8] -> Conv -> c; SiLU(c) = Mul(c, Sigmoid(c)) -> Conv -> y; the first Conv's bias pushes most
+    of c far below zero, where SiLU is flat."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
+        helper.make_node("Mul", list(mul_inputs), ["a"], name="mul"),
+        helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2"),
+    ]
+    bias = numpy_helper.from_array(np.array([-8.0, -6.0, 1.0, -10.0], np.float32), "b1")
+    return make_model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", [1, 4, 8, 8])], [tensor("w1", [4, 4, 3, 3], 1.0), bias, tensor("w2", [4, 4, 1, 1])])
+
+
+@pytest.mark.parametrize("mul_inputs", [("c", "s"), ("s", "c")])
+def test_reader_transfers_finds_silu_and_sigmoid_inputs(mul_inputs):
+    model = _silu_model(mul_inputs)
+    assert quantize_static.reader_transfers(model.graph) == {"c": "silu"}
+    sigmoid_only = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], [vi("x", [4])], [vi("y", [4])])
+    assert quantize_static.reader_transfers(sigmoid_only.graph) == {"x": "sigmoid"}
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (lambda m: m.graph.node.append(helper.make_node("Add", ["c", "c"], ["extra"])), "c has a reader that is neither the Sigmoid nor the Mul"),
+        (lambda m: m.graph.output.append(vi("c", [1, 4, 8, 8])), "c is a graph output, read as it is"),
+        (lambda m: m.graph.output.append(vi("s", [1, 4, 8, 8])), "the Sigmoid's output is read elsewhere (a graph output)"),
+        (lambda m: m.graph.node.append(helper.make_node("Mul", ["c", "c"], ["sq"])), "a second Mul"),
+    ],
+)
+def test_reader_transfers_refuses_tensors_read_as_they_are(change, why):
+    model = _silu_model()
+    change(model)
+    assert "c" not in quantize_static.reader_transfers(model.graph), why
+
+
+def test_mse_ranges_a_silu_input_by_the_error_after_silu():
+    """With method=mse the SiLU input's QuantizeLinear scale is that of calibrate's transfer window (its
+    flat negative tail clipped), not the plain mse one; the details say which tensors were so ranged."""
+    model = _silu_model()
+    feeds = seeded_feeds(model, 8)
+    after, result = quantize(model, feeds, budget=LOOSE, method="mse", weight_bits=8)
+    assert result.details["calibration"]["after_function"] == {"c": "silu"}
+    stats = calibrate.collect(model, feeds, ["c"])["c"]
+    lo, hi = stats.range("mse", transfer="silu")
+    assert lo > stats.minimum + 1.0 and stats.range("mse") != (lo, hi)
+    q = next(n for n in after.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c")
+    assert init(after, q.input[1]) == pytest.approx((hi - lo) / 255, rel=1e-5)
+    assert result.details["calibration"]["ranges"]["c"] == pytest.approx([lo, hi], rel=1e-6)
+
+
+def test_method_auto_keeps_the_more_faithful_range_method():
+    """method=auto quantizes with minmax and with mse ranges and keeps the one whose outputs at level all
+    are closer to the float model's; the note gives every cosine."""
+    model = _silu_model()
+    feeds = seeded_feeds(model, 8)
+    at_level_all = {}
+    for method in ("minmax", "mse"):
+        after, _ = quantize(model, feeds, budget=LOOSE, method=method, weight_bits=8)
+        reference, got = (runtime.run_all(m, feeds, RuntimeSettings(level="all")) for m in (model, after))
+        at_level_all[method] = qdq.mean_cosine(reference, got)
+    after, result = quantize(model, feeds, budget=LOOSE, weight_bits=8)
+    best = max(at_level_all, key=lambda m: (at_level_all[m], m == "minmax"))
+    assert result.details["calibration"]["method"] == best
+    note = next(n for n in result.notes if "chosen by measurement" in n)
+    assert note.startswith(f"{best} ranges and 8-bit weights") and "with minmax ranges" in note and "with mse ranges" in note
 
 
 def test_bad_weight_bits_is_a_pass_error():
