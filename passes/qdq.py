@@ -284,12 +284,6 @@ def output_cosines(reference: list[dict], outputs: list[dict]) -> list[float]:
     return [d.cosine for d in validate.compare(reference, outputs).values() if d.cosine is not None]
 
 
-def mean_cosine(reference: list[dict], outputs: list[dict]) -> float:
-    """The mean of `output_cosines` (1.0 when there is none): how two weight formats are compared."""
-    cosines = output_cosines(reference, outputs)
-    return float(np.mean(cosines)) if cosines else 1.0
-
-
 def fake_quantize_dynamic(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """x after DynamicQuantizeLinear and back: uint8 over [min(x, 0), max(x, 0)] (or the given range)."""
     lo = min(float(x.min()) if lo is None else lo, 0.0)

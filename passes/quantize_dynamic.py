@@ -17,7 +17,8 @@ The activation is uint8 with its range taken per tensor at run time.
 Weight bits (weight_bits=0, the default, decides by measurement): onnxruntime's u8s8 kernels on CPUs
 without VNNI (AVX2) add pairs of uint8 x int8 products in int16, which saturates when both are large
 (255 * 127 * 2 > 32767); weights in [-63, 63] (7 bits) cannot saturate. Both are tried on the calibration
-feeds and the one with the higher output cosine is kept (reported in details["weight_bits"]).
+feeds and the one closer to the float model is kept (PassContext.fidelity: the budget's metric where there
+is one, else output cosine; reported in details["weight_bits"]).
 
 Why this form (measured on all-MiniLM-L6-v2, 2-core AVX2, 2 threads, onnxruntime 1.32): onnxruntime fuses
 it into DynamicQuantizeMatMul, or into one DynamicQuantizeLinear shared by MatMulIntegerToFloat nodes when
@@ -148,14 +149,14 @@ class QuantizeDynamic(Pass):
 
     def _format(self, base, sites, reference, ctx) -> tuple["_Format", onnx.ModelProto, str | None]:
         """The weight format (bits) and the model quantized with it; with weight_bits=0, 8 and 7 bits are
-        both tried and the one with the higher output cosine on the calibration feeds wins."""
+        both tried and the one closer to the float model on the calibration feeds wins (ctx.fidelity)."""
         options = [_Format(self.per_channel, b) for b in ((8, 7) if self.weight_bits == 0 else (self.weight_bits,))]
         models = [_quantized(base, sites, f) for f in options]
         if len(options) == 1 or not reference:
             return options[0], models[0], None
-        cosines = [qdq.mean_cosine(reference, ctx.outputs(m)) for m in models]
-        best = int(np.argmax(cosines))
-        note = f"{options[best].bits}-bit weights chosen by measurement: output cosine {cosines[0]:.5f} with 8 bits, {cosines[1]:.5f} with 7 bits on the calibration feeds (worst feed, mean over outputs)"
+        scores = [ctx.fidelity(reference, ctx.outputs(m)) for m in models]
+        best = int(np.argmax(scores))
+        note = f"{options[best].bits}-bit weights chosen by measurement: {ctx.fidelity_label} {scores[0]:.5f} with 8 bits, {scores[1]:.5f} with 7 bits on the calibration feeds"
         return options[best], models[best], note
 
 

@@ -298,8 +298,8 @@ class QuantizeStatic(Pass):
 
     def _most_accurate(self, builders: dict[tuple[str, int], Builder], units: list[Unit], dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[tuple[str, int], Builder, str | None]:
         """The range method and weight bits whose model, with `units` quantized, has outputs closest to the
-        float model's (run as the budget is judged, through onnxruntime's integer kernels; mean output
-        cosine on the calibration feeds); ties go to the first offered (minmax, 8 bits).
+        float model's (run as the budget is judged, through onnxruntime's integer kernels; ctx.fidelity on
+        the calibration feeds); ties go to the first offered (minmax, 8 bits).
         Bits: on CPUs without VNNI, onnxruntime's u8s8 kernels add pairs of products in int16, which
         full-range weights overflow (255 * 127 * 2 > 32767): a single quantized MatMul gave output cosine
         0.94-0.99 with 8 bits and 0.9999 with 7. Method: neither wins everywhere; PP-OCRv4 rec's softmax
@@ -309,10 +309,10 @@ class QuantizeStatic(Pass):
             key, builder = next(iter(builders.items()))
             return key, builder, None
         reference = ctx.outputs(original)
-        cosines = {key: qdq.mean_cosine(reference, ctx.outputs(b.build(units, dtype))) for key, b in builders.items()}
-        best = max(cosines, key=lambda key: cosines[key])
-        shown = ", ".join(f"{c:.5f} with {m} ranges and {bits}-bit weights" for (m, bits), c in cosines.items())
-        return best, builders[best], f"{best[0]} ranges and {best[1]}-bit weights chosen by measurement: output cosine {shown} on the calibration feeds, {len(units)} nodes quantized (mean over outputs)"
+        scores = {key: ctx.fidelity(reference, ctx.outputs(b.build(units, dtype))) for key, b in builders.items()}
+        best = max(scores, key=lambda key: scores[key])
+        shown = ", ".join(f"{c:.5f} with {m} ranges and {bits}-bit weights" for (m, bits), c in scores.items())
+        return best, builders[best], f"{best[0]} ranges and {best[1]}-bit weights chosen by measurement: {ctx.fidelity_label} {shown} on the calibration feeds, {len(units)} nodes quantized"
 
     def _check_options(self) -> None:
         if not self.max_latency_ratio > 0:

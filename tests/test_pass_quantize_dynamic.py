@@ -14,7 +14,7 @@ from graphopt.graph import constant_value, copy_model, iter_graphs
 from graphopt.passes.qdq import fake_quantize_dynamic
 from graphopt.passes.quantize_dynamic import QuantizeDynamic
 from graphopt.passes.qdq import quantize_per_channel
-from graphopt.passes_base import PassContext, PassError, make_pass
+from graphopt.passes_base import BUDGET_SETTINGS, PassContext, PassError, make_pass
 from graphopt.validate import Budget
 from tests.helpers import make_model, op_types, ort_outputs, run_pass, seeded_feeds
 
@@ -108,6 +108,32 @@ def test_weight_bits_chosen_by_measurement():
         got, ref = ort_outputs(candidate, feeds), ort_outputs(model, feeds)
         cosine[b] = min(float(np.dot(r["y"].ravel(), g["y"].ravel()) / np.linalg.norm(r["y"]) / np.linalg.norm(g["y"])) for r, g in zip(ref, got))
     assert cosine[chosen] >= cosine[other]
+
+
+def test_weight_bits_follow_the_budget_metric_where_there_is_one():
+    """With a task metric and labelled feeds the bits are chosen by that metric, not by output cosine: a
+    metric that rewards distance from the float outputs picks the less faithful width."""
+    model = matmul_model()
+    feeds = seeded_feeds(model)
+    reference = runtime.run_all(model, feeds, BUDGET_SETTINGS)  # as the pass runs its candidates
+    cosine = {}
+    for b in (7, 8):
+        got = runtime.run_all(quantize(model, feeds, weight_bits=b)[0], feeds, BUDGET_SETTINGS)
+        cosine[b] = min(float(np.dot(r["y"].ravel(), g["y"].ravel()) / np.linalg.norm(r["y"]) / np.linalg.norm(g["y"])) for r, g in zip(reference, got))
+    if cosine[7] == cosine[8]:
+        pytest.skip("7- and 8-bit weights give the same outputs on this CPU")
+    worse = min(cosine, key=cosine.get)
+
+    def distance(outputs, labels):
+        return float(sum(np.abs(o["y"] - label).sum() for o, label in zip(outputs, labels)))
+
+    after = copy_model(model)
+    budget = Budget(metric=distance, max_drop=1e9)
+    labels = [r["y"] for r in reference]
+    ctx = PassContext(feeds, feeds, ActivationCache(feeds), budget=budget, calibration_labels=labels)
+    result = QuantizeDynamic(fallback=False, latency_fallback=False).run(after, ctx)
+    assert result.details["weight_bits"] == worse
+    assert result.notes[0].startswith(f"{worse}-bit weights chosen by measurement: metric distance")
 
 
 def test_bad_weight_bits_is_an_error():

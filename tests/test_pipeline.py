@@ -372,3 +372,20 @@ def test_lossy_passes_run_in_the_first_round_only():
     result = graphopt.optimize(relu_neg_model(), passes=[lossy, OncePerModel()], strict=True)
     names = [(r.name, r.round) for r in result.report.records]
     assert names == [("claims-speed", 1), ("add-identity-once", 1), ("add-identity-once", 2)]
+
+
+def test_fidelity_is_the_budget_metric_where_there_is_one_else_the_mean_worst_feed_cosine():
+    """PassContext.fidelity ranks a pass's variants: the user's metric on labelled feeds, else the mean over
+    outputs of each output's lowest cosine over the feeds."""
+    feeds = [{"x": np.ones(2, np.float32)}] * 2
+    reference = [{"a": np.array([1.0, 0.0]), "b": np.array([1.0, 1.0])}, {"a": np.array([0.0, 1.0]), "b": np.array([1.0, 1.0])}]
+    outputs = [{"a": np.array([1.0, 1.0]), "b": np.array([1.0, 1.0])}, {"a": np.array([0.0, 1.0]), "b": np.array([1.0, -1.0])}]
+    ctx = PassContext(feeds, feeds, ActivationCache(feeds))
+    assert ctx.fidelity(reference, outputs) == pytest.approx((np.sqrt(0.5) + 0.0) / 2)
+    assert ctx.fidelity_label.startswith("output cosine")
+
+    def agreement(outs, labels):
+        return float(np.mean([np.argmax(o["a"]) == label for o, label in zip(outs, labels)]))
+
+    ctx = PassContext(feeds, feeds, ActivationCache(feeds), budget=graphopt.validate.Budget(metric=agreement), calibration_labels=[0, 1])
+    assert ctx.fidelity(reference, outputs) == 1.0 and ctx.fidelity_label == "metric agreement"
