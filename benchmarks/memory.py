@@ -5,7 +5,8 @@ For each model (PP-OCRv4 rec, YOLOv8n, the ddddocr captcha recognizer, MiniLM; f
 
     calibration   graphopt.calibrate.collect over every float activation of the lossless model (the
                   most quantize-static could ask for), all the calibration feeds, keeping what the range
-                  method needs (--method; minmax, quantize-static's default, keeps no histograms)
+                  method needs (--method; auto, quantize-static's default, keeps the histograms mse needs;
+                  minmax keeps none)
     <preset>      graphopt.optimize(original, preset=..., data=the calibration feeds, the task budget)
 
 Memory is the growth of the resident set: peak RSS during the step (Linux VmHWM, reset through
@@ -35,6 +36,7 @@ from graphopt import calibrate
 from graphopt.activations import main_graph_tensors
 from graphopt.data import FeedSet
 from graphopt.graph import serialized
+from graphopt.passes import quantize_static
 from graphopt.report import table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,12 +78,17 @@ def _inputs(name: str, feeds: int, preset: str):
     return original, calibration, FeedSet(calibration, labels, f"{feeds} calibration feeds"), budget
 
 
+def methods_of(method: str) -> tuple[str, ...]:
+    """The range methods quantize-static computes for `method` (auto: several, from one collection)."""
+    return quantize_static.AUTO_METHODS if method == "auto" else (method,)
+
+
 def _calibration_step(name: str, feeds: int, preset: str, threads: int, method: str) -> tuple[float, float, float]:
     original, calibration, data, _ = _inputs(name, feeds, preset)
     clean = graphopt.optimize(original, data=data, max_feeds=feeds, threads=threads).model
     del original
     with Growth() as step:
-        calibrate.collect(clean, calibration, main_graph_tensors(clean), bins=calibrate.bins_for(method))
+        calibrate.collect(clean, calibration, main_graph_tensors(clean), bins=max(calibrate.bins_for(m) for m in methods_of(method)))
     return step.before, step.growth, step.seconds
 
 
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feeds", type=int, default=64)
     parser.add_argument("--preset", default="int8")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--method", default="minmax", choices=calibrate.METHODS, help="range method the calibration step collects for")
+    parser.add_argument("--method", default="auto", choices=("auto", *calibrate.METHODS), help="range method the calibration step collects for (default: auto, quantize-static's)")
     args = parser.parse_args(argv)
     rows = [measure(name, args.feeds, args.preset, args.threads, args.method) for name in args.models]
     print(table([tuple(rows[0])] + [tuple(f"{v:.1f}" if isinstance(v, float) else v for v in row.values()) for row in rows]))

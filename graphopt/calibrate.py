@@ -28,11 +28,14 @@ Range methods (all return (lo, hi) with lo <= 0 <= hi, so zero is exactly repres
               TRANSFERS), the error is that of f's output instead: f'(x)**2 * step**2 / 12 inside,
               (f(x) - f(edge))**2 outside, and both ends of the window are searched apart. Where f is flat
               the tensor can be clipped for free: YOLOv8n's Conv outputs read by SiLU span [-55, 45], but
-              SiLU is within 0.04 of 0 below -5, so the window is [-5, 38] and the steps 2.3x finer; with
-              the 65 SiLU inputs so calibrated, the fully quantized model's box error fell from 2.1 to 1.7
-              pixels and detection F1 vs fp32 rose from 0.952 to 0.972 (32 held-out images).
-Entropy and mse search one threshold t over the bin edges; symmetric windows are [-t, t], asymmetric ones
-[max(min, -t), min(max, t)], so a one-sided tensor (after Relu) gets a one-sided window with all the levels.
+              SiLU is within 0.04 of 0 below -5, so the window is [-5, 38] and the steps 2.3x finer. Fully
+              quantized YOLOv8n on 64 held-out images: box error vs fp32 2.13 px with plain mse ranges, 1.69
+              px with its 65 SiLU inputs and 1 Sigmoid input ranged after the function (output cosine
+              0.99961 -> 0.99969). Its detection F1 vs fp32 did not follow (0.942 -> 0.901): a flipped
+              detection moves it by 0.02, and which detections near the score threshold flip is noise.
+Entropy and mse (without a transfer) search one threshold t over the bin edges; symmetric windows are
+[-t, t], asymmetric ones [max(min, -t), min(max, t)], so a one-sided tensor (after Relu) gets a one-sided
+window with all the levels.
 """
 
 from __future__ import annotations
