@@ -66,10 +66,11 @@ def test_onnxruntime_keeps_the_chain_in_its_nchwc_layout():
     kernels_before = [n.op_type for n in profiling.optimized_graph(model, settings).graph.node]
     if "ReorderInput" not in kernels_before:
         pytest.skip("onnxruntime does not use its NCHWc layout on this CPU")
-    assert kernels_before == ["ReorderInput", "Conv", "ReorderOutput", "Mul", "Add", "ReorderInput", "Conv", "ReorderOutput"]
+    # the first Conv reads NCHW directly on AVX-512 CPUs and through a ReorderInput on AVX2 ones
+    assert kernels_before[-7:] == ["Conv", "ReorderOutput", "Mul", "Add", "ReorderInput", "Conv", "ReorderOutput"]
     run_pass(ScalarAffineToConv(), model)
     kernels_after = [n.op_type for n in profiling.optimized_graph(model, settings).graph.node]
-    assert kernels_after == ["ReorderInput", "Conv", "Conv", "Conv", "ReorderOutput"]
+    assert kernels_after[-4:] == ["Conv", "Conv", "Conv", "ReorderOutput"] and kernels_after.count("ReorderOutput") == 1
 
 
 def test_a_chain_value_read_elsewhere_is_refused():
