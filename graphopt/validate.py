@@ -23,6 +23,12 @@ of magnitude more. The weights' share is needed where graphopt folds more than o
 PP-OCRv4 text lines onnxruntime's optimizations (which fold its 6 BatchNormalizations) moved the softmax by
 1.3e-5, fold-batchnorm (the 6 and 28 per-channel Mul/Add pairs) by 5.65e-5, and weights one ulp off by
 3.1e-5, 5.1e-5 and 2.2e-5 (seeds 0, 1, 2; the floor uses seed 0).
+
+The floor is measured on the model the lossless pass rewrites: the input, or, once a lossy pass was kept
+(graphopt.pipeline), that pass's output. A quantized model's floor is far wider, since a rounding that
+flips an activation's quantization moves it by a whole step (MiniLM after quantize-dynamic: 0.36-0.46 on
+the hidden state under onnxruntime's own optimizations), so what such a floor admits must also keep the
+budget against the original.
 """
 
 from __future__ import annotations

@@ -164,6 +164,66 @@ def test_rounding_floor_is_measured_only_when_needed_and_can_be_switched_off(mon
     assert tiny.report.records[0].status == "applied" and measured == [2], "within the fixed tolerance: no floor measured"
 
 
+@dataclass
+class ScaleOutputLossy(ScaleOutput):
+    """Test pass: the graph output times 1.5 through an extra Mul, declared lossy (the default cosine and
+    top-1 budget holds: scaling changes neither)."""
+
+    name = "scale-output-lossy"
+    lossless = False
+    eps: float = 0.5
+
+    def run(self, model, ctx):
+        model.graph.node[-1].output[0] = "y_unscaled"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1 + self.eps, np.float32), "scale"))
+        model.graph.node.append(helper.make_node("Mul", ["y_unscaled", "scale"], ["y"]))
+        return PassResult(True)
+
+
+def floors_in_turn(monkeypatch, *floors: float) -> list:
+    """Stub validate.rounding_floors: the k-th measurement gives floor k for output y; returns the list of
+    the ORT_DISABLE_ALL outputs each measurement was taken on."""
+    from graphopt import validate
+
+    measured, given = [], iter(floors)
+    monkeypatch.setattr(validate, "rounding_floors", lambda disabled, *variants: measured.append(disabled) or {"y": next(given)})
+    return measured
+
+
+@pytest.mark.parametrize("floor, kept", [(1e-2, True), (1e-9, False)])
+def test_after_a_lossy_pass_lossless_passes_are_held_to_the_rounding_of_its_output(monkeypatch, floor, kept):
+    """x -> Relu -> Neg -> [Mul 1.5, lossy] -> [Mul 1 + 1e-4, lossless] -> y: the second is judged against
+    the floor measured on the first's output (a quantized model rounds far more coarsely than its input),
+    and the input's floor is never measured."""
+    measured = floors_in_turn(monkeypatch, floor)
+    model = relu_neg_model()
+    feeds = seeded_feeds(model, n=4, seed=0)  # lossy passes: the first half calibrates, the second validates
+    result = graphopt.optimize(model, passes=[ScaleOutputLossy(), ScaleOutput()], data=feeds, fixed_point=False, strict=True)
+    lossy, lossless = result.report.records
+    assert lossy.status == "applied"
+    assert len(measured) == 1 and result.report.rounding_floors == {}
+    for on, before in zip(measured[0], ort_outputs(model, feeds[2:])):
+        np.testing.assert_allclose(on["y"], 1.5 * before["y"], rtol=1e-6)
+    assert any("rounding floor of the model after scale-output-lossy: y 1.00e" in n for n in result.report.notes)
+    if kept:
+        assert lossless.status == "applied"
+        assert "within float rounding of the model after scale-output-lossy" in " ".join(lossless.notes)
+    else:
+        assert lossless.status == "rolled back" and "max abs error" in lossless.reason and "tolerance" in lossless.reason
+
+
+def test_what_a_lossy_models_floor_admits_must_still_keep_the_budget(monkeypatch):
+    """x -> Relu -> Neg -> [Mul 1.5, lossy] -> y, then Neg => Abs declared lossless: the (stubbed, wide)
+    floor of the scaled model admits the sign flip, the cosine budget against the original does not."""
+    floors_in_turn(monkeypatch, 100.0)
+    result = graphopt.optimize(relu_neg_model(), passes=[ScaleOutputLossy(), SwapOp(index=1, op="Abs")], fixed_point=False, strict=True)
+    lossy, swap = result.report.records
+    assert lossy.status == "applied"
+    assert swap.status == "rolled back" and "cosine" in swap.reason
+    assert "within float rounding of the model after scale-output-lossy" in " ".join(swap.notes)
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg", "Mul"]
+
+
 def test_pass_that_breaks_the_optimized_load_is_found_and_rolled_back(monkeypatch):
     """Stub: onnxruntime 'cannot load' a model holding an Identity at ORT_ENABLE_ALL; the first run ends
     with such a model, so the pipeline reruns with that load checked per pass and rolls the pass back."""
