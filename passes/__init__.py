@@ -28,9 +28,11 @@ LOSSLESS = [
 
 # onnxruntime's own fused kernels for patterns exporters spell out (contrib ops: the result needs
 # onnxruntime), so in the presets that already target it and not in `lossless`, which stays standard ONNX.
-# They run after quantizing, so that their latency is judged on the model they will run in: MiniLM's
-# attention fused measured 0.96-0.97 of the float model (at the latency guard's 0.97 bar, kept in some runs
-# and not others) and 0.89 of the int8 one, where the matrix products it leaves out are 2.5x faster.
+# In `int8` they run after quantizing, so that their latency is judged on the model they will run in:
+# MiniLM's attention fused measured 0.96-0.97 of the float model (at the latency guard's 0.97 bar, kept in
+# some runs and not others) and 0.89 of the int8 one, where the matrix products it leaves out are 2.5x
+# faster. In `int4` they run before: onnx infers no shapes through MatMulNBits (a contrib op), and
+# fuse-attention needs the head count.
 RUNTIME_FUSIONS = ["fuse-attention"]
 
 PRESETS: dict[str, list[str]] = {
@@ -42,5 +44,5 @@ PRESETS: dict[str, list[str]] = {
     "int8": LOSSLESS + ["smooth-quant", "quantize-int8"] + RUNTIME_FUSIONS + ["quantize-weights:bits=8:block_size=0:format=folded"],
     # clean-up and fusions, then weight-only int4 (int8 where int4 breaks the budget), for size; asymmetric
     # GPTQ measured best on MiniLM (pooled cosine 0.982 against 0.960 for symmetric round-to-nearest)
-    "int4": LOSSLESS + ["quantize-weights:bits=4:method=gptq:symmetric=false"] + RUNTIME_FUSIONS,
+    "int4": LOSSLESS + RUNTIME_FUSIONS + ["quantize-weights:bits=4:method=gptq:symmetric=false"],
 }

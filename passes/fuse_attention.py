@@ -23,7 +23,8 @@ Why: onnxruntime runs the spelled-out form as a dozen kernels per layer, two of 
 score tensor besides Softmax (mask Add, NaN guard); its MultiHeadAttention kernel does the two batched
 products, scale, mask and softmax in one pass per head. Measured on MiniLM-L6 (seq 128, 2 threads,
 interleaved runs): 0.90 of the cleaned fp32 model's latency on a 2-core AVX2 EPYC, 0.96-0.97 on a 2-core
-AVX-512 EPYC, and 0.89 of the int8 model's there. The presets run it after quantizing, where it pays most.
+AVX-512 EPYC, and 0.89 of the int8 model's there. The int8 preset runs it after quantizing, where it pays
+most; the int4 preset before, since onnx infers no shapes through MatMulNBits and the head count is needed.
 
 Numerics: the same arithmetic, rounded differently (MiniLM: 1.6e-5 at most on last_hidden_state); the
 pipeline checks it against onnxruntime's own rounding on the model it rewrites as for every clean-up (on
