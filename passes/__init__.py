@@ -37,8 +37,8 @@ RUNTIME_FUSIONS = ["fuse-attention"]
 
 PRESETS: dict[str, list[str]] = {
     "lossless": LOSSLESS,
-    # clean-up and fusions, outlier channels smoothed into their producers, then static or dynamic int8,
-    # whichever measures faster within the budget; the weights still float after that are stored as int8 per
+    # clean-up, outlier channels smoothed into their producers, static or dynamic int8 (whichever measures
+    # faster within the budget), then the fusions; the weights still float after that are stored as int8 per
     # channel in the folded form (onnxruntime restores them when it loads the model): a file about 4x smaller
     # even where the integer kernels are not faster on the target CPU
     "int8": LOSSLESS + ["smooth-quant", "quantize-int8"] + RUNTIME_FUSIONS + ["quantize-weights:bits=8:block_size=0:format=folded"],

@@ -27,11 +27,11 @@ AVX-512 EPYC, and 0.89 of the int8 model's there. The int8 preset runs it after 
 most; the int4 preset before, since onnx infers no shapes through MatMulNBits and the head count is needed.
 
 Numerics: the same arithmetic, rounded differently (MiniLM: 1.6e-5 at most on last_hidden_state); the
-pipeline checks it against onnxruntime's own rounding on the model it rewrites as for every clean-up (on
-the int8 model that rounding reaches 0.36-0.46, a flipped activation rounding, and the budget must hold). The NaN guard stays exact: a
-fully masked row gives NaN through Softmax and a zero row after the guard, and MultiHeadAttention gives
-that head's slice of the output as NaN, which the same guard on its output turns to zeros (Softmax makes
-whole rows NaN, never single entries, for finite V).
+pipeline checks it against onnxruntime's own rounding on the model it rewrites, as for every clean-up (on
+the int8 model that rounding reaches 0.36-0.46, a flipped activation rounding, so the budget must hold
+too). The NaN guard stays exact: a fully masked row gives NaN through Softmax and a zero row after the
+guard, and MultiHeadAttention gives that head's slice of the output as NaN, which the same guard on its
+output turns to zeros (Softmax makes whole rows NaN, never single entries, for finite V).
 
 The result needs onnxruntime (com.microsoft domain, float32, CPU and CUDA kernels), which is why the pass
 is in the int8 and int4 presets and not in `lossless`, whose output stays standard ONNX.
