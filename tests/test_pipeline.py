@@ -136,7 +136,8 @@ def test_accepted_pass_is_kept_and_fixed_point_stops_when_nothing_changes():
 
 @dataclass
 class ScaleOutput(Pass):
-    """Test pass: multiplies the graph output by (1 + eps) through an extra Mul."""
+    """Test pass: multiplies the graph output by (1 + eps) through an extra Mul (tensors named after the
+    pass, so that two such passes can run on one model)."""
 
     name = "scale-output"
     description = "test"
@@ -144,9 +145,10 @@ class ScaleOutput(Pass):
     eps: float = 1e-4
 
     def run(self, model, ctx):
-        model.graph.node[-1].output[0] = "y_raw"
-        model.graph.initializer.append(numpy_helper.from_array(np.array(1 + self.eps, np.float32), "eps"))
-        model.graph.node.append(helper.make_node("Mul", ["y_raw", "eps"], ["y"]))
+        before, factor = f"y_before_{self.name}", f"factor_{self.name}"
+        model.graph.node[-1].output[0] = before
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1 + self.eps, np.float32), factor))
+        model.graph.node.append(helper.make_node("Mul", [before, factor], ["y"]))
         return PassResult(True)
 
 
@@ -172,12 +174,6 @@ class ScaleOutputLossy(ScaleOutput):
     name = "scale-output-lossy"
     lossless = False
     eps: float = 0.5
-
-    def run(self, model, ctx):
-        model.graph.node[-1].output[0] = "y_unscaled"
-        model.graph.initializer.append(numpy_helper.from_array(np.array(1 + self.eps, np.float32), "scale"))
-        model.graph.node.append(helper.make_node("Mul", ["y_unscaled", "scale"], ["y"]))
-        return PassResult(True)
 
 
 def floors_in_turn(monkeypatch, *floors: float) -> list:
