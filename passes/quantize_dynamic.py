@@ -1,4 +1,4 @@
-"""quantize-dynamic: int8 weights, activations quantized at run time, for MatMul, Gemm and LSTM with constant weights.
+"""quantize-dynamic: int8 weights, activations quantized at run time, for MatMul, Gemm, pointwise Conv and LSTM with constant weights.
 
 Rewrites (every graph, If/Loop/Scan bodies included: a body's node is quantized when its weight is a
 constant of that body; a weight defined outside the body is left float, reason "unsupported"):
@@ -6,6 +6,9 @@ constant of that body; a weight defined outside the body is left float, reason "
                                         -> Mul(x_scale * W_scale)
   Gemm(x, B, C, transA=0, transB, alpha, beta) => the same with W = B (or B^T), alpha folded into the scale,
                                         then Add(beta * C) in float when C is given
+  Conv(x, W [M, C, 1, ..., 1], B), group 1, strides 1, no padding (a pointwise Conv: a product over channels)
+                                     => Transpose(x, channels last) -> the MatMul form above with W as [C, M]
+                                        -> Add(B) -> Transpose(back to channels first)
   LSTM(X, W, R, B, ...)              => com.microsoft DynamicQuantizeLSTM(X, W_q, R_q, B, ..., scales, zero points)
                                         with W and R transposed to [directions, K, 4*hidden] and quantized per
                                         gate column (per direction with per_channel=false); the node keeps its name
@@ -26,6 +29,16 @@ an activation feeds several weights (Q/K/V), and ran at 0.61x of fp32 against 0.
 DynamicQuantizeMatMul written directly (which quantizes the shared activation once per node) and 0.82x for
 uint8 weights. It is also plain ONNX (opset 11), so other runtimes can load it.
 
+Why pointwise Convs too: onnxruntime has no fast dynamic integer Conv (ConvInteger is what its own
+quantize_dynamic writes: 5x slower than fp32 on YOLOv8n), but a 1x1 Conv is a matrix product over the
+channel axis, and DynamicQuantizeMatMul runs it. PP-OCRv4 rec spends 45% of its kernel time in the eleven
+such Convs this quantizes (240 and 480 channels on 12 x 80 and 6 x 80 feature maps); as
+DynamicQuantizeMatMul between two Transposes its quantized model ran at 0.79 of the cleaned fp32 model,
+against 0.97 with only its MatMuls quantized (2-core Zen 4 with AVX-512 VNNI, onnxruntime 1.32). The
+Transposes, the activation that fp32's NCHWc Conv had absorbed and the layout reorders around the
+neighbouring Convs are what this costs, so small Convs lose: the latency guard below judges each one, and
+then the Convs as a group against the model without them.
+
 Refused (node left float, listed in details["kept_float"] with a reason):
   unsupported  - the weight (B) is computed at run time (attention scores), is not 2-D, is not float32
                  (DynamicQuantizeLinear takes float32 only), is defined outside the body, or Gemm has transA=1
@@ -41,7 +54,13 @@ Refused (node left float, listed in details["kept_float"] with a reason):
                  integer kernels (its share of a shared DynamicQuantizeLinear included) slower than its float
                  kernel (with a bias Add the integer kernel absorbed). Small LSTMs
                  (hidden 48, 2 directions: 0.93x) lose to quantizing the input at every step, large ones win
-                 (hidden 256, 2 directions, 40 steps: 2.5x faster, measured on the 2-core AVX2 machine)
+                 (hidden 256, 2 directions, 40 steps: 2.5x faster, measured on the 2-core AVX2 machine).
+                 Pointwise Convs that survive this are then timed as a group (ctx.latency: the model with
+                 them against the model without them, the other sites quantized in both) and all go back
+                 to float when they do not make it faster: the reorders onnxruntime adds around the float
+                 Convs next to them are charged to no node by the profile
+  A Conv that is not pointwise (kernel larger than 1, groups, strides, padding) is unsupported: its
+  patches would have to be gathered in float first.
   LSTM with layout=1 (batch first; DynamicQuantizeLSTM has no such attribute) is unsupported. GRU and RNN have
   no dynamic integer kernel in onnxruntime and are not candidates. The model is upgraded to opset 11 when
   older (reported in notes).
@@ -100,15 +119,15 @@ class _Plan:
 @dataclass
 class QuantizeDynamic(Pass):
     name = "quantize-dynamic"
-    description = "int8 per-channel weights and run-time quantized activations for MatMul/Gemm/LSTM with constant weights"
+    description = "int8 per-channel weights and run-time quantized activations for MatMul/Gemm/pointwise Conv/LSTM with constant weights"
     lossless = False
     claims = "speed"
-    op_types = frozenset({"MatMul", "Gemm", "LSTM"})  # what it can quantize (quantize-int8 reads it)
+    op_types = frozenset({"MatMul", "Gemm", "Conv", "LSTM"})  # what it can quantize (quantize-int8 reads it)
 
     per_channel: bool = True
     fallback: bool = True
     min_weight_elements: int = 4096
-    ops: str = "MatMul,Gemm,LSTM"
+    ops: str = "MatMul,Gemm,Conv,LSTM"
     weight_bits: int = 0  # 8, 7, or 0: whichever is more accurate on this machine
     latency_fallback: bool = True  # nodes whose quantized kernels profile slower stay float
     sensitivity: str = "layer"  # how the fallback ranks nodes: "layer" (own output error) or "model" (see below)
@@ -127,6 +146,7 @@ class QuantizeDynamic(Pass):
         base = copy_model(model)
         if self.latency_fallback:
             plan.sites = _without_slower(base, plan.sites, ctx, plan.kept_float)
+            plan.sites = _without_losing_convs(base, plan.sites, ctx, plan.kept_float)
             if not plan.sites:
                 return PassResult(changed=False, details=details, notes=notes, refused=_refusals(plan.kept_float))
         reference = ctx.outputs(base)
@@ -240,16 +260,16 @@ def _layer_errors(model: onnx.ModelProto, sites: list[_Site], feeds, fmt: _Forma
     layers = {}
     for s in sites:
         node = nodes[s.output]
-        w = qdq.weight(graph, s.weight, made_by)
-        w = w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
-        layers[s] = (node.input[0], w, fmt.quantize(w).dequantized())
+        w = _as_matrix(node, qdq.weight(graph, s.weight, made_by))
+        layers[s] = (node.input[0], w, fmt.quantize(w).dequantized(), node.op_type == "Conv")
     squared = {s: [0.0, 0.0] for s in sites}
-    for values in intermediates(model, feeds, sorted({x for x, _, _ in layers.values()})):
-        for s, (x, w, w_deq) in layers.items():
+    for values in intermediates(model, feeds, sorted({x for x, _, _, _ in layers.values()})):
+        for s, (x, w, w_deq, channels_first) in layers.items():
             if x not in values:
                 continue
-            exact = values[x] @ w
-            approx = qdq.fake_quantize_dynamic(values[x]) @ w_deq
+            rows = np.moveaxis(values[x], 1, -1) if channels_first else values[x]
+            exact = rows @ w
+            approx = qdq.fake_quantize_dynamic(rows) @ w_deq
             squared[s][0] += float(np.sum((approx - exact) ** 2))
             squared[s][1] += float(np.sum(exact**2))
     return {s: (np.sqrt(err / ref) if ref > 0 else 0.0) for s, (err, ref) in squared.items()}
@@ -272,7 +292,7 @@ def _plan(model: onnx.ModelProto, ops: set[str], min_elements: int) -> _Plan:
     for index, graph in enumerate(iter_graphs(model.graph)):
         made_by = producers(graph)
         for node in graph.node:
-            if node.op_type not in ops or node.op_type not in ("MatMul", "Gemm", "LSTM") or node.domain not in STANDARD_DOMAINS:
+            if node.op_type not in ops or node.op_type not in QuantizeDynamic.op_types or node.domain not in STANDARD_DOMAINS:
                 continue
             if node.op_type == "LSTM":
                 _plan_lstm(plan, index, graph, node, made_by)
@@ -326,16 +346,21 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
     which is gone because it was rewritten). The node making the site's input is charged to the quantized
     side when only the quantized profile shows it: the float kernel had absorbed it (PP-OCRv4's CTC head
     runs Transpose -> MatMul as one FusedMatMul with transA; quantized, the Transpose runs on its own). A
-    site the float profile does not show (fused into something else) is not judged."""
+    site the float profile does not show (fused into something else) is not judged.
+
+    A pointwise Conv runs in fp32 as onnxruntime's NCHWc Conv, named after the tensor it writes
+    ("<output>_nchwc"), with the activation after it absorbed (Relu, Sigmoid, HardSigmoid and the Mul of
+    x * HardSigmoid(x)), so it is found under its own output's name or its activation's; that activation
+    runs on its own once the Conv is quantized, and is charged to the quantized side."""
     if not sites or not ctx.calibration:
         return sites
     named = copy_model(base)
     keys = {(s.graph, s.output) for s in sites}
     graphs = list(iter_graphs(named.graph))
-    for index, graph in enumerate(graphs):
+    for graph in graphs:
         for node in graph.node:
-            if node.output and (index, _key(node)) in keys and not node.name:
-                node.name = _key(node)  # the site's name, which the quantized nodes are named after
+            if node.output and not node.name:
+                node.name = _key(node)  # names the two profiles share (sites' quantized nodes are named after them)
     readers, made_by = [consumers(graph) for graph in graphs], [producers(graph) for graph in graphs]
     site_nodes = {(index, _key(node)): node for index, graph in enumerate(graphs) for node in graph.node if node.output and (index, _key(node)) in keys}
     quantized = copy_model(named)
@@ -344,12 +369,16 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
     float_names, quant_names, site_names = {t.name for t in float_times}, {t.name for t in quant_times}, {s.node for s in sites}
     slower = set()
     for s in sites:
-        mine = [t for t in float_times if t.name == s.node or t.name.startswith(s.node + "/")]
+        absorbed = _activation_after(s, readers[s.graph]) if s.op_type == "Conv" else []
+        nchwc = {f"{o}_nchwc" for node in [site_nodes[(s.graph, s.output)], *absorbed] for o in node.output}
+        mine = [t for t in float_times if t.name == s.node or t.name.startswith(s.node + "/") or t.name in nchwc]
         if not mine:
             continue
         fused_away = {r.name for r in readers[s.graph].get(s.output, []) if r.name and r.name not in quant_names and r.name not in site_names}
         f = sum(t.ms for t in mine) + sum(t.ms for t in float_times if t.name in fused_away)
         charged = [(t, len(charges[t.name])) for t in quant_times if s.node in charges.get(t.name, ())]
+        unfused = {n.name for n in absorbed if n.name not in float_names}
+        charged += [(t, 1) for t in quant_times if t.name in unfused]
         # the node making the site's input, when the float kernel absorbed it (a Transpose into FusedMatMul's
         # transA) and it runs on its own once the site is quantized, shared among the sites reading it
         source = made_by[s.graph].get(site_nodes[(s.graph, s.output)].input[0])
@@ -364,6 +393,43 @@ def _without_slower(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext,
     return [s for s in sites if s not in slower]
 
 
+def _without_losing_convs(base: onnx.ModelProto, sites: list[_Site], ctx: PassContext, kept_float: list[dict]) -> list[_Site]:
+    """`sites` without its pointwise Convs when the model quantized with them is not faster than the model
+    quantized without them (ctx.latency, interleaved). The per-node profile cannot see what they cost
+    their float neighbours: onnxruntime reorders a tensor out of its NCHWc layout and back around each
+    float Conv they leave between them, in nodes it names only "ReorderInput" / "ReorderOutput"."""
+    convs = [s for s in sites if s.op_type == "Conv"]
+    if not convs or not ctx.calibration:
+        return sites
+    rest = [s for s in sites if s.op_type != "Conv"]
+    fmt = _Format(True, 8)
+    timings = ctx.latency([("without the pointwise Convs", _quantized(base, rest, fmt)), ("with them", _quantized(base, sites, fmt))])
+    ratio = timings[1].ratio
+    if ratio < 1.0:
+        return sites
+    for s in convs:
+        kept_float.append(_kept(s, "slower", f"the {len(convs)} pointwise Convs the profile found faster, timed together: latency ratio {ratio:.3f} with them to without them"))
+    return rest
+
+
+ABSORBED_ACTIVATIONS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Clip", "LeakyRelu"})
+
+
+def _activation_after(site: _Site, readers: dict[str, list[onnx.NodeProto]]) -> list[onnx.NodeProto]:
+    """The activation an fp32 NCHWc Conv absorbs after the site's Conv: its one reader when that is an
+    activation, and, after a Sigmoid or HardSigmoid, the Mul by the Conv's output that completes a
+    SiLU or HardSwish."""
+    after = readers.get(site.output, [])
+    act = [r for r in after if r.op_type in ABSORBED_ACTIVATIONS and r.domain in STANDARD_DOMAINS]
+    if len(act) != 1:
+        return []
+    gate = [r for r in after if r is not act[0]]
+    if not gate:
+        return act
+    completes = act[0].op_type in ("Sigmoid", "HardSigmoid") and len(gate) == 1 and gate[0].op_type == "Mul"
+    return act + gate if completes and act[0].output[0] in gate[0].input else []
+
+
 def _kernels(times) -> str:
     return " + ".join(dict.fromkeys(t.op_type for t in times))
 
@@ -371,14 +437,42 @@ def _kernels(times) -> str:
 def _unsupported(graph: onnx.GraphProto, node: onnx.NodeProto, made_by) -> str | None:
     w = qdq.weight(graph, node.input[1], made_by)
     if w is None:
-        return "input B is computed at run time or defined outside this graph, not a constant float weight"
-    if w.ndim != 2:
-        return f"weight has rank {w.ndim}; only 2-D weights are quantized"
+        return f"input {'W' if node.op_type == 'Conv' else 'B'} is computed at run time or defined outside this graph, not a constant float weight"
     if w.dtype != np.float32:
         return f"weight is {w.dtype}; DynamicQuantizeLinear takes float32 only"
+    if node.op_type == "Conv":
+        return _not_pointwise(node, w)
+    if w.ndim != 2:
+        return f"weight has rank {w.ndim}; only 2-D weights are quantized"
     if node.op_type == "Gemm" and attribute(node, "transA", 0):
         return "Gemm with transA=1 (the activation would need a Transpose first)"
     return None
+
+
+def _not_pointwise(node: onnx.NodeProto, w: np.ndarray) -> str | None:
+    """Why a Conv is not a product over its channels alone (None when it is)."""
+    spatial = w.ndim - 2
+    if spatial < 1 or any(d != 1 for d in w.shape[2:]):
+        return f"kernel {list(w.shape[2:])} is not 1x1: only pointwise Convs are a matrix product"
+    if attribute(node, "group", 1) != 1:
+        return f"group={attribute(node, 'group', 1)}: only group 1 is one matrix product"
+    if any(s != 1 for s in attribute(node, "strides", [1] * spatial)):
+        return f"strides {list(attribute(node, 'strides'))}: only stride 1 reads every position"
+    if any(attribute(node, "pads", [])):  # auto_pad SAME_* pads nothing for a 1x1 kernel at stride 1
+        return f"pads {list(attribute(node, 'pads'))}: padded positions would need zeros written first"
+    return None
+
+
+def _as_matrix(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+    """The weight as the [K, N] right-hand side of the integer product."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    return w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
+
+
+def _channels_last(rank: int) -> tuple[list[int], list[int]]:
+    """Transpose permutations that move axis 1 last and back, for a tensor of `rank`."""
+    return [0, *range(2, rank), 1], [0, rank - 1, *range(1, rank - 1)]
 
 
 def _apply(model: onnx.ModelProto, sites: list[_Site], fmt: _Format) -> dict[str, list[str]]:
@@ -412,6 +506,7 @@ class _GraphRewriter:
         self.recurrent: dict[str, tuple[str, str, str]] = {}
         self.activations: dict[str, tuple[str, str, str]] = {}
         self.quantizers: dict[str, str] = {}  # activation -> its DynamicQuantizeLinear node
+        self.transposed: dict[str, tuple[str, str]] = {}  # a pointwise Conv's input -> (it channels last, the Transpose)
         self.charges: dict[str, list[str]] = {}  # node made -> the sites it serves
 
     def rewrite(self, sites: dict[str, _Site]) -> None:
@@ -419,12 +514,13 @@ class _GraphRewriter:
         nodes: list[onnx.NodeProto] = []
         for node in self.graph.node:
             if node.output and _key(node) in sites:
-                made = self._lstm(node) if node.op_type == "LSTM" else self._replacement(node)
+                made, reads = (self._lstm(node), []) if node.op_type == "LSTM" else self._replacement(node)
                 site = sites[_key(node)].node
                 for n in made:
                     self.charges.setdefault(n.name, []).append(site)
-                if node.op_type != "LSTM" and (shared := self.quantizers[node.input[0]]) not in {n.name for n in made}:
-                    self.charges[shared].append(site)
+                for shared in reads:  # made for an earlier site, now read by this one too
+                    if shared not in {n.name for n in made}:
+                        self.charges[shared].append(site)
                 nodes.extend(made)
                 old.update(node.input[2:3])
             else:
@@ -433,17 +529,25 @@ class _GraphRewriter:
         self.graph.node.extend(nodes)
         drop_unread(self.graph, old)
 
-    def _replacement(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    def _replacement(self, node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[str]]:
+        """The nodes replacing a MatMul, Gemm or pointwise Conv, and the names of the nodes made once per
+        activation that it reads through (its Transpose, its DynamicQuantizeLinear), which may be among
+        them or made for an earlier site."""
         x, y = node.input[0], node.output[0]
-        trans_b = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
         alpha = float(attribute(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         new: list[onnx.NodeProto] = []
-        x_q, x_scale, x_zero = self._activation(x, new)
-        w_q, w_scale = self._weight(node.input[1], trans_b, alpha)
         stem = node.name or y
+        pointwise = node.op_type == "Conv"
+        if pointwise:
+            rank = qdq.weight(self.graph, node.input[1], self.made_by).ndim
+            x = self._channels_last(x, rank, new)
+        x_q, x_scale, x_zero = self._activation(x, new)
+        reads = [self.quantizers[x]] + ([self.transposed[node.input[0]][1]] if pointwise else [])
+        w_q, w_scale = self._weight(node, alpha)
         integer, as_float, scale = self.names(f"{y}_int32"), self.names(f"{y}_int_as_float"), self.names(f"{y}_scale")
-        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-        product = self.names(f"{y}_product") if has_bias else y
+        has_bias = node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]
+        result = self.names(f"{y}_channels_last") if pointwise else y
+        product = self.names(f"{y}_product") if has_bias else result
         new += [
             helper.make_node("MatMulInteger", [x_q, w_q, x_zero], [integer], name=self.names(f"{stem}_MatMulInteger")),
             helper.make_node("Cast", [integer], [as_float], name=self.names(f"{stem}_Cast"), to=TensorProto.FLOAT),
@@ -451,8 +555,17 @@ class _GraphRewriter:
             helper.make_node("Mul", [as_float, scale], [product], name=self.names(f"{stem}_Mul")),
         ]
         if has_bias:
-            new += self._bias(node, product, y, stem)
-        return new
+            new += self._bias(node, product, result, stem)
+        if pointwise:
+            new.append(helper.make_node("Transpose", [result], [y], name=self.names(f"{stem}_channels_first"), perm=_channels_last(rank)[1]))
+        return new, reads
+
+    def _channels_last(self, x: str, rank: int, new: list[onnx.NodeProto]) -> str:
+        """`x` with its channel axis moved last, transposed once for all the pointwise Convs reading it."""
+        if x not in self.transposed:
+            self.transposed[x] = (self.names(f"{x}_channels_last"), self.names(f"{x}_Transpose"))
+            new.append(helper.make_node("Transpose", [x], [self.transposed[x][0]], name=self.transposed[x][1], perm=_channels_last(rank)[0]))
+        return self.transposed[x][0]
 
     def _lstm(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         """DynamicQuantizeLSTM with the LSTM's inputs, attributes (layout is 0 here) and name."""
@@ -482,12 +595,11 @@ class _GraphRewriter:
             self.activations[x] = outs
         return self.activations[x]
 
-    def _weight(self, name: str, trans_b: bool, alpha: float) -> tuple[str, str]:
-        key = (name, trans_b, alpha)
+    def _weight(self, node: onnx.NodeProto, alpha: float) -> tuple[str, str]:
+        name = node.input[1]
+        key = (name, node.op_type == "Gemm" and bool(attribute(node, "transB", 0)), alpha)
         if key not in self.weights:
-            w = qdq.weight(self.graph, name, self.made_by)
-            w = w.T if trans_b else w
-            q = self.fmt.quantize(w)
+            q = self.fmt.quantize(_as_matrix(node, qdq.weight(self.graph, name, self.made_by)))
             scale = (q.scale * np.float32(alpha)).astype(np.float32)
             q_name, s_name = self.names(f"{name}_quantized"), self.names(f"{name}_scale")
             self.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(q.values), q_name), qdq.float_tensor(s_name, scale)])

@@ -465,13 +465,15 @@ def two_readers_model():
 
 def stub_profile(monkeypatch, float_ms: dict[str, float], quantized_ms: dict[str, float]):
     """onnxruntime's per-node profile replaced: ms per node name, from `quantized_ms` for a model holding a
-    MatMulInteger, else from `float_ms`. A node absent from the dict does not run (as if fused away)."""
+    MatMulInteger, else from `float_ms`. A node absent from the dict does not run (as if fused away); a
+    name no node has is a Conv kernel onnxruntime named itself (its NCHWc layout's "<tensor>_nchwc")."""
     from graphopt import profiling
 
     def profile(model):
         nodes = [n for g in iter_graphs(model.graph) for n in g.node]
         times = quantized_ms if any(n.op_type == "MatMulInteger" for n in nodes) else float_ms
-        return [profiling.NodeTime(n.name, n.op_type, times[n.name]) for n in nodes if n.name in times]
+        own = [profiling.NodeTime(n.name, n.op_type, times[n.name]) for n in nodes if n.name in times]
+        return own + [profiling.NodeTime(name, "Conv", ms) for name, ms in times.items() if name not in {n.name for n in nodes}]
 
     def node_times(models, feeds, settings, rounds=10):
         return [profile(m) for m in models]
@@ -579,3 +581,164 @@ def test_matmul_latency_guard_charges_a_transpose_the_float_kernel_had_absorbed(
     assert result.changed is kept_quantized
     if not kept_quantized:
         assert kept(result)["mm"] == ("slower", "DynamicQuantizeLinear + MatMulInteger + Transpose 1.100 ms vs MatMul 1.000 ms per run (onnxruntime profile)")
+
+
+# ------------------------------------------------------------------------------- pointwise Conv
+
+
+def conv_model(c=64, m=64, spatial=(4, 5), bias=True, **attributes):
+    """x[1,C,*spatial] -> Conv 'pw' (W[M,C,1,..]) -> y"""
+    inputs = ["x", "w", "b"] if bias else ["x", "w"]
+    inits = [weight("w", [m, c, *[1] * len(spatial)])] + ([weight("b", [m])] if bias else [])
+    node = helper.make_node("Conv", inputs, ["y"], name="pw", **attributes)
+    return make_model([node], [vi("x", [1, c, *spatial])], [vi("y", [1, m, *spatial])], inits)
+
+
+POINTWISE_OPS = ["Transpose", *QUANTIZED_OPS, "Add", "Transpose"]
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (7,)])
+def test_pointwise_conv_becomes_an_integer_matmul_over_channels(spatial):
+    """A 1x1 Conv is a product over the channel axis: Transpose channels last, the MatMul form with W as
+    [C, M] (int8 per output channel), the bias added, Transpose back; onnxruntime's result is exactly that
+    integer arithmetic (7-bit weights: exact on any CPU)."""
+    model = conv_model(spatial=spatial)
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds, weight_bits=7)
+    assert result.changed and result.details["quantized"] == {"Conv": 1}
+    assert op_types(after) == POINTWISE_OPS
+    perms = [list(attribute_of(n, "perm")) for n in after.graph.node if n.op_type == "Transpose"]
+    rank = 2 + len(spatial)
+    assert perms == [[0, *range(2, rank), 1], [0, rank - 1, *range(1, rank - 1)]]
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    expected = quantize_per_channel(w.reshape(64, 64).T, axis=1, bits=7)
+    inits = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    (q_name,) = [k for k, v in inits.items() if v.dtype == np.int8]
+    np.testing.assert_array_equal(inits[q_name], expected.values)
+    b = numpy_helper.to_array(model.graph.initializer[1])
+    for feed, got in zip(feeds, ort_outputs(after, feeds)):
+        rows = np.moveaxis(feed["x"], 1, -1)
+        np.testing.assert_allclose(got["y"], np.moveaxis(fake_quantize_dynamic(rows) @ expected.dequantized() + b, -1, 1), rtol=1e-4, atol=1e-4)
+    assert_close(model, after, feeds)
+
+
+def attribute_of(node, name):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def test_pointwise_convs_reading_one_tensor_share_its_transpose_and_quantizer():
+    """x -> Conv 'a' (no bias) and x -> Conv 'b': one Transpose, one DynamicQuantizeLinear."""
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["ya"], name="a"), helper.make_node("Conv", ["x", "wb"], ["yb"], name="b")]
+    model = make_model(nodes, [vi("x", [1, 64, 3, 3])], [vi("ya", [1, 32, 3, 3]), vi("yb", [1, 16, 3, 3])], [weight("wa", [32, 64, 1, 1]), weight("wb", [16, 64, 1, 1])])
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds, min_weight_elements=16)
+    assert result.details["quantized"] == {"Conv": 2}
+    ops = op_types(after)
+    assert ops.count("Transpose") == 3 and ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulInteger") == 2 and "Add" not in ops
+    assert_close(model, after, feeds)
+
+
+def test_conv_that_is_not_pointwise_is_refused_with_the_reason():
+    """3x3 kernel, groups, strides and padding all stay float, each with what stops it."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w3"], ["y3"], name="k3"),
+        helper.make_node("Conv", ["x", "wg"], ["yg"], name="grouped", group=2),
+        helper.make_node("Conv", ["x", "w1"], ["ys"], name="strided", strides=[2, 2]),
+        helper.make_node("Conv", ["x", "w1"], ["yp"], name="padded", pads=[1, 1, 1, 1]),
+    ]
+    inits = [weight("w3", [64, 64, 3, 3]), weight("wg", [64, 32, 1, 1]), weight("w1", [64, 64, 1, 1])]
+    outs = [vi("y3", [1, 64, 2, 2]), vi("yg", [1, 64, 4, 4]), vi("ys", [1, 64, 2, 2]), vi("yp", [1, 64, 6, 6])]
+    model = make_model(nodes, [vi("x", [1, 64, 4, 4])], outs, inits)
+    after, result = quantize(model)
+    assert not result.changed and op_types(after) == ["Conv"] * 4
+    reasons = kept(result)
+    assert {r for r, _ in reasons.values()} == {"unsupported"}
+    assert "kernel [3, 3] is not 1x1" in reasons["k3"][1]
+    assert "group=2" in reasons["grouped"][1]
+    assert "strides [2, 2]" in reasons["strided"][1]
+    assert "pads [1, 1, 1, 1]" in reasons["padded"][1]
+
+
+def test_onnxruntime_fuses_the_pointwise_conv_into_dynamic_quantize_matmul(tmp_path):
+    """The quantized Conv runs as DynamicQuantizeMatMul with its bias absorbed, named after the
+    MatMulInteger node (what the latency guard charges)."""
+    from graphopt import profiling
+    from graphopt.runtime import RuntimeSettings
+
+    model = conv_model()
+    feeds = seeded_feeds(model)
+    after, _ = quantize(model, feeds)
+    path = str(tmp_path / "optimized.onnx")
+    runtime.session(after, runtime.RuntimeSettings(level="all", optimized_model_path=path))
+    fused = [n.op_type for n in onnx.load(path).graph.node]
+    assert fused.count("DynamicQuantizeMatMul") == 1 and "MatMulInteger" not in fused and "Add" not in fused
+    [times] = profiling.node_times([after], feeds, RuntimeSettings(level="all"), rounds=1)
+    assert ("pw_MatMulInteger", "DynamicQuantizeMatMul") in {(t.name, t.op_type) for t in times}
+
+
+def hardswish_conv_model():
+    """x -> Conv 'pw' -> y0; HardSigmoid 'gate'(y0) -> g; Mul 'swish'(y0, g) -> y  (PP-OCRv4's blocks)"""
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["y0"], name="pw"),
+        helper.make_node("HardSigmoid", ["y0"], ["g"], name="gate"),
+        helper.make_node("Mul", ["y0", "g"], ["y"], name="swish"),
+    ]
+    return make_model(nodes, [vi("x", [1, 64, 4, 5])], [vi("y", [1, 64, 4, 5])], [weight("w", [64, 64, 1, 1]), weight("b", [64])])
+
+
+def test_onnxruntime_names_the_float_conv_as_the_latency_guard_looks_for_it():
+    """What the guard relies on: fp32 onnxruntime runs the Conv under its own name, or (NCHWc layout on
+    x86) as '<tensor>_nchwc' named after the Conv's or its absorbed activation's output."""
+    from graphopt import profiling
+    from graphopt.runtime import RuntimeSettings
+
+    model = hardswish_conv_model()
+    [times] = profiling.node_times([model], seeded_feeds(model), RuntimeSettings(level="all"), rounds=1)
+    conv_kernels = {t.name for t in times if t.op_type in ("Conv", "FusedConv")}
+    assert conv_kernels and conv_kernels <= {"pw", "y0_nchwc", "g_nchwc", "y_nchwc"}
+
+
+def quantize_with_latency(model, ratio=0.5, calls=None, **options):
+    """The pass with the latency guard on and ctx.latency stubbed: the second model timed at `ratio`."""
+    from graphopt.bench import Timing
+
+    def latency(models):
+        (calls if calls is not None else []).append([label for label, _ in models])
+        return [Timing(models[0][0], 0.0, [10.0]), Timing(models[1][0], 0.0, [10.0 * ratio], ratio)]
+
+    feeds = seeded_feeds(model)
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds))
+    ctx.latency = latency
+    after = copy_model(model)
+    return after, QuantizeDynamic(fallback=False, latency_fallback=True, **options).run(after, ctx)
+
+
+@pytest.mark.parametrize("gate_ms, kept_quantized", [(0.1, True), (0.3, False)])
+def test_conv_latency_guard_finds_the_nchwc_kernel_and_charges_the_activation_it_absorbed(monkeypatch, gate_ms, kept_quantized):
+    """Float: one NCHWc kernel 'y0_nchwc', 1.0 ms, HardSigmoid and Mul absorbed. Quantized: integer
+    kernel 0.5, the two Transposes 0.1 each, and the activation now running alone (HardSigmoid
+    `gate_ms`, Mul 0.1): 0.9 ms is kept, 1.1 ms goes back to float with the kernels named."""
+    quantized = {"pw_MatMulInteger": 0.5, "x_Transpose": 0.1, "pw_channels_first": 0.1, "gate": gate_ms, "swish": 0.1}
+    stub_profile(monkeypatch, {"y0_nchwc": 1.0}, quantized)
+    after, result = quantize_with_latency(hardswish_conv_model())
+    assert result.changed is kept_quantized
+    if not kept_quantized:
+        assert op_types(after) == ["Conv", "HardSigmoid", "Mul"]
+        assert kept(result)["pw"] == ("slower", "Transpose + MatMulInteger + HardSigmoid + Mul 1.100 ms vs Conv 1.000 ms per run (onnxruntime profile)")
+
+
+@pytest.mark.parametrize("ratio, kept_quantized", [(0.9, True), (1.02, False)])
+def test_pointwise_convs_are_timed_as_a_group_against_the_model_without_them(monkeypatch, ratio, kept_quantized):
+    """A MatMul and a pointwise Conv both profile faster; the model with the Conv is then timed against
+    the model without it (the MatMul quantized in both): at 1.02 the Conv goes back to float, the MatMul
+    stays quantized."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="pw"), helper.make_node("MatMul", ["h", "v"], ["y"], name="mm")]
+    model = make_model(nodes, [vi("x", [1, 64, 2, 64])], [vi("y", [1, 64, 2, 64])], [weight("w", [64, 64, 1, 1]), weight("v", [64, 64])])
+    stub_profile(monkeypatch, {"h_nchwc": 1.0, "mm": 1.0}, {"pw_MatMulInteger": 0.2, "mm_MatMulInteger": 0.2})
+    calls: list = []
+    after, result = quantize_with_latency(model, ratio, calls)
+    assert calls == [["without the pointwise Convs", "with them"]]
+    assert result.details["quantized"] == ({"Conv": 1, "MatMul": 1} if kept_quantized else {"MatMul": 1})
+    assert ("Conv" in op_types(after)) is not kept_quantized
+    if not kept_quantized:
+        assert kept(result)["pw"] == ("slower", "the 1 pointwise Convs the profile found faster, timed together: latency ratio 1.020 with them to without them")
