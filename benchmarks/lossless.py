@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = parser.parse_args(argv)
+    if args.json and not Path(args.json).parent.is_dir():
+        parser.error(f"--json {args.json}: folder {Path(args.json).parent} does not exist")  # before the run, not after
     print(f"graphopt lossless preset: {', '.join(presets()['lossless'])}")
     results = [bench_model(name, args.feeds, args.threads, args.rounds) for name in args.models]
     if args.json:
