@@ -534,7 +534,7 @@ def run_workload(work: Workload, args: argparse.Namespace) -> dict:
         print("  " + line)
     for v in variants:
         if v.family == "graphopt" and v.report is not None:
-            print(f"\n{v.label} per-pass report ({work.name}):\n{v.report.pass_table()}")
+            print(f"\n{v.label} report ({work.name}), as the command line prints it:\n{v.report.summary()}")
     for v in variants:
         v.model = None
     return {
