@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for scoring and timing (default 2)")
     parser.add_argument("--json", metavar="OUT", default=str(DEFAULT_JSON), help=f"write the results as JSON (default {DEFAULT_JSON})")
     args = parser.parse_args(argv)
-    if Path(args.json) == DEFAULT_JSON:
+    if Path(args.json).resolve().parent == DEFAULT_JSON.parent:
         DEFAULT_JSON.parent.mkdir(exist_ok=True)  # ignored by git, so absent from a fresh clone
     elif not Path(args.json).parent.is_dir():
         parser.error(f"--json {args.json}: folder {Path(args.json).parent} does not exist")  # before the 20-minute run, not after
