@@ -124,6 +124,9 @@ class Pass:
     lossless: ClassVar[bool]
     # "speed": the pipeline keeps the pass only if the model got faster; "size": only if it got no slower
     claims: ClassVar[str] = ""
+    # True: the pass backs off against ctx.budget on the calibration feeds, so when its result breaks the
+    # budget on the validation feeds, the pipeline runs it once more with ctx.budget tightened
+    fits_budget: ClassVar[bool] = False
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError

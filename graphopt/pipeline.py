@@ -14,7 +14,7 @@ the first time, and the later rounds are there to clean up after them).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -102,28 +102,47 @@ class Pipeline:
         return (copy_model(model) if current.model is model else current.model), report
 
     def _run_pass(self, p: Pass, current: "_Accepted", original, floors, ctx: PassContext, round_no: int, level: str, ran: list[str], check_deployable: bool):
-        """Run one pass on a copy of the current model; returns its record and, if kept, the new state."""
+        """Run one pass on a copy of the current model; returns its record and, if kept, the new state.
+
+        A pass that fits its result to the budget on the calibration feeds (`fits_budget`) and breaks it
+        on the validation feeds runs once more, aiming at half the allowed loss: the calibration feeds
+        were not enough to tell how much the choice would lose on others, and keeping a result that is
+        a little more careful beats keeping none (ddddocr's YOLOX detector, weight-only int4: cosine 0.9891
+        on the validation feeds after 0.99 on the calibration ones; refitted, it holds at a 0.21x file)."""
+        record, accepted, over_budget = self._try_pass(p, current, original, floors, ctx, round_no, level, ran, check_deployable)
+        if not (over_budget and p.fits_budget):
+            return record, accepted
+        first = record
+        record, accepted, _ = self._try_pass(p, current, original, floors, replace(ctx, budget=ctx.budget.tightened()), round_no, level, ran, check_deployable)
+        record.notes.insert(0, f"over budget on the validation feeds at first ({first.reason}); run again aiming at half the allowed loss on the calibration feeds")
+        record.seconds += first.seconds
+        record.validate_seconds += first.validate_seconds
+        return record, accepted
+
+    def _try_pass(self, p: Pass, current: "_Accepted", original, floors, ctx: PassContext, round_no: int, level: str, ran: list[str], check_deployable: bool):
+        """One run of `p` on a copy of the current model: its record, the new state if kept, and whether it
+        was rolled back for breaking the budget on the validation feeds."""
         record = PassRecord(p.name, round_no, "no change", before=current.stats, after=current.stats, options=p.options(), lossless=p.lossless)
         candidate = copy_model(current.model)
         t0 = time.perf_counter()
         try:
             result = p.run(candidate, ctx)
         except PassError as exc:
-            return self._failed(record, t0, f"{exc} (passes before: {', '.join(ran) or 'none'})"), None
+            return self._failed(record, t0, f"{exc} (passes before: {', '.join(ran) or 'none'})"), None, False
         except Exception as exc:
             if self.strict:
                 raise
-            return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None
+            return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None, False
         record.seconds = time.perf_counter() - t0
         record.counts, record.refused = dict(result.counts), list(result.refused)
         record.details, record.notes = dict(result.details), list(result.notes)
         if not result.changed:
-            return record, None
+            return record, None, False
         t1 = time.perf_counter()
         blob = serialized(candidate)  # serialized once for the stats and the checker
         stats = ModelStats.of(candidate, len(blob) if blob is not None else None)
         problem = model_io.check(blob if blob is not None else candidate, level)
-        outputs = None
+        outputs, over_budget = None, False
         if problem is None:
             try:
                 outputs = runtime.run_all(candidate, ctx.validation, VALIDATION, what=f"the model after {p.name}")
@@ -143,6 +162,7 @@ class Pipeline:
                         problem = self._budget_problem(p, candidate, original, ctx)
             else:
                 problem = self._budget_problem(p, candidate, original, ctx)
+                over_budget = problem is not None
         if problem is None and p.claims and self.latency_guard:
             problem = self._latency_problem(p, record, current.model, candidate, ctx)
         if problem is None and check_deployable:
@@ -150,9 +170,9 @@ class Pipeline:
         record.validate_seconds = time.perf_counter() - t1
         if problem is not None:
             record.status, record.reason = "rolled back", problem
-            return record, None
+            return record, None, over_budget
         record.status, record.after = "applied", stats
-        return record, _Accepted(candidate, outputs, stats)
+        return record, _Accepted(candidate, outputs, stats), False
 
     def _budget_problem(self, p: Pass, candidate: onnx.ModelProto, original, ctx: PassContext) -> str | None:
         """Why the candidate breaks the budget against the original model (run as deployed), or None."""

@@ -122,6 +122,7 @@ class QuantizeDynamic(Pass):
     description = "int8 per-channel weights and run-time quantized activations for MatMul/Gemm/pointwise Conv/LSTM with constant weights"
     lossless = False
     claims = "speed"
+    fits_budget = True
     op_types = frozenset({"MatMul", "Gemm", "Conv", "LSTM"})  # what it can quantize (quantize-int8 reads it)
 
     per_channel: bool = True

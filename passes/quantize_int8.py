@@ -49,6 +49,7 @@ class QuantizeInt8(Pass):
     description = "int8: quantize-static or quantize-dynamic, whichever is fastest within the budget"
     lossless = False
     claims = "speed"
+    fits_budget = True
     candidates: str = "quantize-dynamic,quantize-static,quantize-dynamic+quantize-static"
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:

@@ -42,7 +42,7 @@ with outputs run as the budget is judged (passes_base.BUDGET_SETTINGS: onnxrunti
     alone on the float model's own activations with its inputs, weights and output quantized: normalized
     squared error, one onnxruntime run per feed for all nodes at once); the smallest number of the most
     sensitive ones to return to float is found by bisection (reason "sensitive"), judged against the
-    budget with half its allowed loss (`tightened`); if even one quantized node breaks it the pass refuses
+    budget with half its allowed loss (Budget.tightened); if even one quantized node breaks it the pass refuses
   latency (`latency_fallback`): onnxruntime's per-node profile of the float and the quantized model (level
     all, ctx.threads); a Conv/Gemm/MatMul whose integer kernel plus the standalone QuantizeLinear and
     DequantizeLinear charged to it takes longer than the float node (plus its folded Relu/Clip) goes back
@@ -80,7 +80,6 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,7 +103,6 @@ from graphopt.graph import (
 )
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 from graphopt.runtime import RuntimeSettings
-from graphopt.validate import Budget
 from graphopt.passes import qdq
 
 DECISION_KEY = "static-activation-type"
@@ -129,7 +127,6 @@ SENSITIVITY_FEEDS = 4
 AUTO_METHODS = ("minmax", "mse")  # the range methods method=auto measures (percentile and entropy lost to them on PP-OCRv4 and YOLOv8n)
 MAX_FUSION_ROUNDS = 20
 CONCAT_MIN_SHARE = 16  # a Concat input must span at least 1/16 of the output's range (16 levels)
-BUDGET_MARGIN = 0.5  # share of the budget's allowed loss a choice may use on the calibration feeds
 RANGES_SHOWN = 50
 MAX_CONSTANT = 1e30  # beyond this a constant is a sentinel (a mask fill), not a value
 
@@ -184,6 +181,7 @@ class QuantizeStatic(Pass):
     description = "static int8 QDQ (calibrated) around the nodes onnxruntime fuses into integer kernels, with accuracy and latency fallback"
     lossless = False
     claims = "speed"
+    fits_budget = True
     op_types = frozenset(ACTIVATION_INPUTS)  # what it can quantize (quantize-int8 reads it)
 
     method: str = "auto"
@@ -378,9 +376,9 @@ class QuantizeStatic(Pass):
 
     def _within_budget(self, builder: Builder, units: list[Unit], dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[list[Unit], str | None]:
         """Return the most sensitive nodes to float until the calibration outputs are within the budget
-        tightened by `margin` (the pipeline then judges feeds the calibration never saw)."""
+        with half its allowed loss (the pipeline then judges feeds the calibration never saw)."""
         reference = ctx.outputs(original)
-        budget = tightened(ctx.budget)
+        budget = ctx.budget.tightened()
 
         def problem_with(kept: list[Unit]) -> str | None:
             return budget.violation(reference, ctx.outputs(builder.build(kept, dtype)), ctx.calibration_labels)
@@ -448,24 +446,6 @@ def _fewest_to_return(ranked: list, problem_with, limit: int) -> int | None:
         else:
             hi = mid
     return hi if hi < len(ranked) else None
-
-
-def tightened(budget: Budget) -> Budget:
-    """The budget with half the allowed loss (1 - floor, the metric drop, the relative error): fitted on the
-    calibration feeds, a choice needs room to hold on the held-out ones (PP-OCRv4 rec: cosine 0.99 on the
-    calibration text lines was 0.974 on the validation ones)."""
-    def half(floor: float | None) -> float | None:
-        return None if floor is None else 1.0 - (1.0 - floor) * BUDGET_MARGIN
-
-    per_output = {name: {k: (v * BUDGET_MARGIN if k == "rel" else half(v)) for k, v in floors.items()} for name, floors in budget.per_output.items()}
-    return dataclasses.replace(
-        budget,
-        min_cosine=half(budget.min_cosine),
-        min_top1=half(budget.min_top1),
-        max_rel=None if budget.max_rel is None else budget.max_rel * BUDGET_MARGIN,
-        per_output=per_output,
-        max_drop=budget.max_drop * BUDGET_MARGIN,
-    )
 
 
 def _why(plan: Plan) -> str:

@@ -117,6 +117,7 @@ class QuantizeWeights(Pass):
     description = "weight-only int4/int8 (blockwise or per channel) for MatMul/Gemm/Conv weights and Gather tables, for size"
     lossless = False
     claims = "size"
+    fits_budget = True
     bits: int = 4
     block_size: int = 32
     symmetric: bool = True

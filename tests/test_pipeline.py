@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -218,6 +218,74 @@ def test_what_a_lossy_models_floor_admits_must_still_keep_the_budget(monkeypatch
     assert swap.status == "rolled back" and "cosine" in swap.reason
     assert "within float rounding of the model after scale-output-lossy" in " ".join(swap.notes)
     assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg", "Mul"]
+
+
+@dataclass
+class FitsCosine(Pass):
+    """Test pass standing in for a quantizer that backs off against ctx.budget: below `careful_at` (the
+    cosine floor it is asked for) it overreaches (y => Abs(y), cosine -1 on this model, whose y is <= 0),
+    from there on it is careful (y times 1.5, which keeps cosine and top-1). Records each floor it saw."""
+
+    name = "fits-cosine"
+    description = "test"
+    lossless = False
+    fits_budget = True
+    careful_at: float = 0.995
+    seen: list = field(default_factory=list)
+
+    def run(self, model, ctx):
+        self.seen.append(ctx.budget.min_cosine)
+        model.graph.node[-1].output[0] = "y_before"
+        if ctx.budget.min_cosine >= self.careful_at:
+            model.graph.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "factor"))
+            model.graph.node.append(helper.make_node("Mul", ["y_before", "factor"], ["y"]))
+        else:
+            model.graph.node.append(helper.make_node("Abs", ["y_before"], ["y"]))
+        return PassResult(True)
+
+
+@dataclass
+class OverreachesOnce(FitsCosine):
+    """The same, but it does not claim to fit the budget: the pipeline must not run it twice."""
+
+    name = "overreaches-once"
+    fits_budget = False
+
+
+def test_a_pass_fitting_the_budget_that_breaks_it_on_validation_runs_again_with_half_the_loss():
+    model = relu_neg_model()
+    feeds = seeded_feeds(model, n=4, seed=3)  # the first half calibrates, the second validates
+    fits = FitsCosine()
+    result = graphopt.optimize(model, passes=[fits], data=feeds, fixed_point=False, strict=True)
+    (record,) = result.report.records
+    assert fits.seen == [0.99, pytest.approx(0.995)], "run at the budget, then at half its allowed loss"
+    assert record.status == "applied"
+    assert "over budget on the validation feeds at first (output 'y': cosine -1.0000 < 0.99)" in record.notes[0]
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg", "Mul"]
+    for before, after in zip(ort_outputs(model, feeds), ort_outputs(result.model, feeds)):
+        np.testing.assert_allclose(after["y"], 1.5 * before["y"], rtol=1e-6)
+
+
+def test_a_pass_not_fitting_the_budget_is_rolled_back_without_a_second_run():
+    model = relu_neg_model()
+    once = OverreachesOnce()
+    result = graphopt.optimize(model, passes=[once], data=seeded_feeds(model, n=4, seed=3), fixed_point=False, strict=True)
+    (record,) = result.report.records
+    assert once.seen == [0.99]
+    assert record.status == "rolled back" and "cosine -1.0000 < 0.99" in record.reason
+    assert not any("run again" in n for n in record.notes)
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
+
+
+def test_a_second_run_that_breaks_the_budget_too_is_rolled_back_with_both_reasons():
+    model = relu_neg_model()
+    reckless = FitsCosine(careful_at=2.0)  # never careful
+    result = graphopt.optimize(model, passes=[reckless], data=seeded_feeds(model, n=4, seed=3), fixed_point=False, strict=True)
+    (record,) = result.report.records
+    assert reckless.seen == [0.99, pytest.approx(0.995)], "one retry, not more"
+    assert record.status == "rolled back" and "cosine -1.0000 < 0.99" in record.reason
+    assert "over budget on the validation feeds at first" in record.notes[0]
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
 
 
 def test_pass_that_breaks_the_optimized_load_is_found_and_rolled_back(monkeypatch):

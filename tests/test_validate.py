@@ -135,6 +135,23 @@ def test_budget_with_a_metric_bounds_the_drop_instead_of_the_floors():
     assert validate.Budget(metric=accuracy, max_drop=0.6).violation(ref, flipped, labels) is None
 
 
+def test_tightened_budget_allows_the_given_share_of_each_loss():
+    def metric(outputs, labels):
+        return 0.0
+
+    budget = validate.Budget(min_cosine=0.99, min_top1=0.98, max_rel=0.2, per_output={"y": {"cosine": 0.9, "rel": 0.1, "top1": None}}, metric=metric, max_drop=0.04)
+    half = budget.tightened()
+    assert (half.min_cosine, half.min_top1, half.max_rel, half.max_drop) == pytest.approx((0.995, 0.99, 0.1, 0.02))
+    assert half.per_output["y"]["cosine"] == pytest.approx(0.95) and half.per_output["y"]["rel"] == pytest.approx(0.05)
+    assert half.per_output["y"]["top1"] is None, "a floor switched off stays off"
+    assert half.metric is metric
+    quarter = budget.tightened(0.25)
+    assert (quarter.min_cosine, quarter.max_drop) == pytest.approx((0.9975, 0.01))
+    unset = validate.Budget(max_rel=None, min_top1=None).tightened()
+    assert unset.max_rel is None and unset.min_top1 is None
+    assert budget.min_cosine == 0.99 and budget.per_output["y"]["cosine"] == 0.9, "the budget itself is unchanged"
+
+
 def test_parse_fidelity_global_and_per_output():
     overall, per_output = validate.parse_fidelity("cosine=0.995, top1=0.98,logits:rel=0.05")
     assert overall == {"cosine": 0.995, "top1": 0.98}
