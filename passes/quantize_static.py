@@ -42,7 +42,12 @@ with outputs run as the budget is judged (passes_base.BUDGET_SETTINGS: onnxrunti
     alone on the float model's own activations with its inputs, weights and output quantized: normalized
     squared error, one onnxruntime run per feed for all nodes at once); the smallest number of the most
     sensitive ones to return to float is found by bisection (reason "sensitive"), judged against the
-    budget with half its allowed loss (Budget.tightened); if even one quantized node breaks it the pass refuses
+    budget; if even one quantized node breaks it the pass refuses. The margin for feeds the calibration
+    never saw is the pipeline's: a result over budget on the validation feeds is fitted once more with
+    half the allowed loss (fits_budget). Aiming at half the loss from the start returned 180 of the 262
+    nodes of ddddocr's YOLOX detector (output cosine 0.9919 on the calibration feeds fully quantized, the
+    bar 0.995), and quantize-int8 then rolled the remainder back as not faster; held to 0.99 it keeps all
+    of them and holds on the validation feeds (1.89x)
   latency (`latency_fallback`): onnxruntime's per-node profile of the float and the quantized model (level
     all, ctx.threads); a Conv/Gemm/MatMul whose integer kernel plus the standalone QuantizeLinear and
     DequantizeLinear charged to it takes longer than the float node (plus its folded Relu/Clip) goes back
@@ -376,12 +381,11 @@ class QuantizeStatic(Pass):
 
     def _within_budget(self, builder: Builder, units: list[Unit], dtype, original: onnx.ModelProto, ctx: PassContext) -> tuple[list[Unit], str | None]:
         """Return the most sensitive nodes to float until the calibration outputs are within the budget
-        with half its allowed loss (the pipeline then judges feeds the calibration never saw)."""
+        (the pipeline then judges feeds the calibration never saw)."""
         reference = ctx.outputs(original)
-        budget = ctx.budget.tightened()
 
         def problem_with(kept: list[Unit]) -> str | None:
-            return budget.violation(reference, ctx.outputs(builder.build(kept, dtype)), ctx.calibration_labels)
+            return ctx.budget_problem(reference, builder.build(kept, dtype))
 
         problem = problem_with(units)
         if problem is None:
