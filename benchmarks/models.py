@@ -80,6 +80,17 @@ PPOCR_REC = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/m
 YOLOV8N = WheelMember("nudenet", "3.4.2", "nudenet/320n.onnx")
 CAPTCHA = WheelMember("ddddocr", "1.6.1", "ddddocr/common.onnx")
 CAPTCHA_CHARSETS = WheelMember("ddddocr", "1.6.1", "ddddocr/charsets.py")
+# The other models in the same wheels (benchmarks/more_models.py): PP-OCR's text detector and
+# orientation classifier, ddddocr's YOLOX-style detector and its older, already int8 recognizer.
+PPOCR_DET = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx")
+PPOCR_CLS = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+DDDDOCR_DET = WheelMember("ddddocr", "1.6.1", "ddddocr/common_det.onnx")
+DDDDOCR_OLD = WheelMember("ddddocr", "1.6.1", "ddddocr/common_old.onnx")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+TEXT_PAGE_SIZE = 320
+YOLOX_SIZE = 416
+YOLOX_PAD = 114.0
 CAPTCHA_HEIGHT = 64
 CAPTCHA_WIDTH = 192
 CAPTCHA_SYMBOLS = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # without the look-alikes l, o, I, O, 0, 1
@@ -322,3 +333,41 @@ def photo_feeds(count: int, seed: int = 0) -> list[Feed]:
             image = _composite(people, scenes, rng)
         feeds.append({"images": letterbox(image)[None]})
     return feeds
+
+
+def text_page_feeds(count: int, seed: int = 0, size: int = TEXT_PAGE_SIZE) -> list[Feed]:
+    """Pages for PP-OCR's text detector, input `x` [1, 3, size, size]: four rendered text lines each on
+    white, normalized as rapidocr's detector does ((pixel/255 - ImageNet mean) / std). Needs Pillow."""
+    lines = render_text_lines(sentence_snippets(4 * count, start=seed * 4 * count), width=size - 20, fonts=OCR_FONTS)
+    feeds = []
+    for i in range(count):
+        page = np.ones((3, size, size), np.float32)
+        for j in range(4):
+            top = 20 + j * (size - 40) // 4
+            page[:, top : top + OCR_HEIGHT, 10 : size - 10] = lines[4 * i + j] * 0.5 + 0.5
+        feeds.append({"x": ((page - IMAGENET_MEAN) / IMAGENET_STD)[None].astype(np.float32)})
+    return feeds
+
+
+def text_line_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """Text lines for PP-OCR's orientation classifier, input `x` [1, 3, 48, 192], preprocessed as its
+    recognizer's (rapidocr resizes to 48 x 192 for the classifier)."""
+    lines = render_text_lines(sentence_snippets(count, start=seed * count), width=192, fonts=OCR_FONTS)
+    return [{"x": lines[i : i + 1]} for i in range(count)]
+
+
+def yolox_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """`photo_feeds` for ddddocr's detector, input `images` [1, 3, 416, 416]: raw pixels 0-255, the
+    320 x 320 letterboxed photo in the top-left corner of a canvas padded with 114, as YOLOX's
+    preprocessing pads."""
+    feeds = []
+    for f in photo_feeds(count, seed):
+        canvas = np.full((1, 3, YOLOX_SIZE, YOLOX_SIZE), YOLOX_PAD, np.float32)
+        canvas[:, :, :YOLO_SIZE, :YOLO_SIZE] = f["images"] * 255.0
+        feeds.append({"images": canvas})
+    return feeds
+
+
+def old_captcha_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """`captchas` for ddddocr's older recognizer, input `input1` [1, 1, 64, 192], scaled to [-1, 1]."""
+    return [{"input1": f["input1"] * 2.0 - 1.0} for f in captchas(count, seed)[1]]
