@@ -265,17 +265,16 @@ class Budget:
         what a choice fitted on the calibration feeds aims at, so that it still holds on feeds it never saw
         (PP-OCRv4 rec: cosine 0.99 on the calibration text lines was 0.974 on the validation ones)."""
 
-        def floor(value: float | None) -> float | None:
-            return None if value is None else 1.0 - (1.0 - value) * share
-
-        def tighter(key: str, value: float) -> float:
-            return value * share if key == "rel" else floor(value)
+        def tighter(key: str, value: float | None) -> float | None:
+            if value is None:
+                return None
+            return value * share if key == "rel" else 1.0 - (1.0 - value) * share
 
         return replace(
             self,
-            min_cosine=floor(self.min_cosine),
-            min_top1=floor(self.min_top1),
-            max_rel=None if self.max_rel is None else self.max_rel * share,
+            min_cosine=tighter("cosine", self.min_cosine),
+            min_top1=tighter("top1", self.min_top1),
+            max_rel=tighter("rel", self.max_rel),
             per_output={name: {k: tighter(k, v) for k, v in floors.items()} for name, floors in self.per_output.items()},
             max_drop=self.max_drop * share,
         )

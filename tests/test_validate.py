@@ -139,11 +139,11 @@ def test_tightened_budget_allows_the_given_share_of_each_loss():
     def metric(outputs, labels):
         return 0.0
 
-    budget = validate.Budget(min_cosine=0.99, min_top1=0.98, max_rel=0.2, per_output={"y": {"cosine": 0.9, "rel": 0.1, "top1": None}}, metric=metric, max_drop=0.04)
+    budget = validate.Budget(min_cosine=0.99, min_top1=0.98, max_rel=0.2, per_output={"y": {"cosine": 0.9, "rel": 0.1, "top1": None}, "z": {"rel": None}}, metric=metric, max_drop=0.04)
     half = budget.tightened()
     assert (half.min_cosine, half.min_top1, half.max_rel, half.max_drop) == pytest.approx((0.995, 0.99, 0.1, 0.02))
     assert half.per_output["y"]["cosine"] == pytest.approx(0.95) and half.per_output["y"]["rel"] == pytest.approx(0.05)
-    assert half.per_output["y"]["top1"] is None, "a floor switched off stays off"
+    assert half.per_output["y"]["top1"] is None and half.per_output["z"]["rel"] is None, "a floor switched off stays off"
     assert half.metric is metric
     quarter = budget.tightened(0.25)
     assert (quarter.min_cosine, quarter.max_drop) == pytest.approx((0.9975, 0.01))
