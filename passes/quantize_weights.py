@@ -68,6 +68,7 @@ from graphopt.passes.qdq import (
     weight,
 )
 from graphopt.passes_base import VALIDATION_SETTINGS, Pass, PassContext, PassResult, register
+from graphopt.pipeline import SPEED_RATIO
 
 FORMATS = ("auto", "dequantize", "matmulnbits", "folded")
 INT4_CAST_OPSET = 21
@@ -173,8 +174,13 @@ class QuantizeWeights(Pass):
         return quantize_per_channel(w.value, 1 - w.axis, bits)
 
     def _choose_format(self, model, weights, quantized, levels, ctx: PassContext, notes: list[str]) -> str:
-        """`format`, or for auto the one onnxruntime runs fastest (measured once per run and cached).
-        Per-channel weights (block_size 0) have no MatMulNBits form."""
+        """`format`, or for auto the one onnxruntime runs fastest (measured once per run and cached), where
+        fastest means faster than `folded` by the pipeline's speed margin: folded runs the input's own
+        float kernels, so it is never slower than the input, while a format timed a little faster here
+        can time slower than the input in the pipeline's guard (MiniLM int4: MatMulNBits 0.314 of
+        dequantize against folded's 0.338 here, then 1.030 and 1.030 of the float input there, which
+        rolled the pass back and left the file at 1.0x). Per-channel weights (block_size 0) have no
+        MatMulNBits form."""
         if self.format != "auto":
             return self.format
         key = f"quantize-weights.format/bits={self.bits}/block={self.block_size}/symmetric={self.symmetric}"
@@ -183,10 +189,15 @@ class QuantizeWeights(Pass):
             models = [(fmt, _build(_prepared(model, weights, quantized, levels, fmt)[0], weights, quantized, levels, fmt)) for fmt in candidates]
             timings = ctx.latency(models)
             best = min(timings, key=lambda t: t.ratio)  # paired with the first candidate round by round (graphopt.bench)
-            ctx.decisions[key] = (best.label, {t.label: (t.median_ms, t.ratio) for t in timings})
-        chosen, measured = ctx.decisions[key]
+            folded = next(t for t in timings if t.label == "folded")
+            why = ""
+            if best is not folded and best.ratio > folded.ratio * SPEED_RATIO:
+                why = f"; {best.label} was faster than folded by less than {1 - SPEED_RATIO:.0%}, and folded runs the input's own kernels"
+                best = folded
+            ctx.decisions[key] = (best.label, {t.label: (t.median_ms, t.ratio) for t in timings}, why)
+        chosen, measured, why = ctx.decisions[key]
         shown = ", ".join(f"{label} {ms:.3f} ms ({ratio:.3f})" for label, (ms, ratio) in measured.items())
-        notes.append(f"format {chosen} chosen by measurement (median latency and ratio to the first: {shown})")
+        notes.append(f"format {chosen} chosen by measurement (median latency and ratio to the first: {shown}){why}")
         return chosen
 
     def _back_off(self, base, weights, quantized, levels, fmt, hessians, reference, problem, fallback, ctx):
