@@ -24,7 +24,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -57,7 +57,6 @@ class Row:
     ratio: float | None = None
     passes: str = ""
     error: str = ""
-    extra: list[str] = field(default_factory=list)
 
 
 def optimized(original: onnx.ModelProto, preset: str, calibration: list[Feed], threads: int) -> Row:

@@ -30,6 +30,15 @@ VALIDATION_SETTINGS = RuntimeSettings(level="disable_all")
 # 0.84 at disable_all).
 BUDGET_SETTINGS = RuntimeSettings(level="all")
 
+# The pipeline's latency guard (passes whose `claims` is "speed" or "size"): the candidate is timed against
+# the pass's input, interleaved, at the target settings. A speed claim must beat the input by SPEED_RATIO
+# (a smaller margin is within the noise of one 30-round timing on a busy 2-core machine: identical
+# sessions' paired ratios strayed from 1 by up to 3-6%, see graphopt.bench); a size claim may not be
+# slower by more than the noise. A pass choosing between forms of its rewrite by timing holds them to the
+# same margin.
+SPEED_RATIO = 0.97
+SIZE_RATIO = 1.03
+
 if TYPE_CHECKING:
     from graphopt.activations import ActivationCache
     from graphopt.data import Feed

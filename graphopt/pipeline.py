@@ -22,18 +22,11 @@ from graphopt import model as model_io
 from graphopt import profiling, runtime, validate
 from graphopt.errors import PassError, UserError
 from graphopt.graph import copy_model, serialized
-from graphopt.passes_base import BUDGET_SETTINGS, Pass, PassContext
+from graphopt.passes_base import BUDGET_SETTINGS, SIZE_RATIO, SPEED_RATIO, Pass, PassContext
 from graphopt.passes_base import VALIDATION_SETTINGS as VALIDATION
 from graphopt.report import ModelStats, PassRecord, Report
 from graphopt.runtime import RuntimeSettings
 from graphopt.validate import Budget
-
-# Latency guard (passes whose `claims` is "speed" or "size"): the candidate is timed against the pass's
-# input, interleaved, at the target settings. A speed claim must beat the input by this much (a smaller
-# margin is within the noise of one 30-round timing on a busy 2-core machine: identical sessions' paired
-# ratios strayed from 1 by up to 3-6%, see graphopt.bench); a size claim may not be slower by more than the noise.
-SPEED_RATIO = 0.97
-SIZE_RATIO = 1.03
 
 
 @dataclass

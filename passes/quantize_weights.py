@@ -67,8 +67,7 @@ from graphopt.passes.qdq import (
     restores_weight,
     weight,
 )
-from graphopt.passes_base import VALIDATION_SETTINGS, Pass, PassContext, PassResult, register
-from graphopt.pipeline import SPEED_RATIO
+from graphopt.passes_base import SPEED_RATIO, VALIDATION_SETTINGS, Pass, PassContext, PassResult, register
 
 FORMATS = ("auto", "dequantize", "matmulnbits", "folded")
 INT4_CAST_OPSET = 21
