@@ -38,10 +38,11 @@ RUNTIME_FUSIONS = ["fuse-attention"]
 PRESETS: dict[str, list[str]] = {
     "lossless": LOSSLESS,
     # clean-up, outlier channels smoothed into their producers, static or dynamic int8 (whichever measures
-    # faster within the budget), then the fusions; the weights still float after that are stored as int8 per
+    # faster within the budget), then the fusions (QAttention where the attention's projections were quantized
+    # dynamically); the weights still float after that are stored as int8 per
     # channel in the folded form (onnxruntime restores them when it loads the model): a file about 4x smaller
     # even where the integer kernels are not faster on the target CPU
-    "int8": LOSSLESS + ["smooth-quant", "quantize-int8"] + RUNTIME_FUSIONS + ["quantize-weights:bits=8:block_size=0:format=folded"],
+    "int8": LOSSLESS + ["smooth-quant", "quantize-int8"] + RUNTIME_FUSIONS + ["fuse-quantized-attention", "quantize-weights:bits=8:block_size=0:format=folded"],
     # clean-up and fusions, then weight-only int4 (int8 where int4 breaks the budget), for size; asymmetric
     # GPTQ measured best on MiniLM (pooled cosine 0.982 against 0.960 for symmetric round-to-nearest)
     "int4": LOSSLESS + RUNTIME_FUSIONS + ["quantize-weights:bits=4:method=gptq:symmetric=false"],

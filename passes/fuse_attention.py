@@ -273,7 +273,7 @@ def _regroup_target(graph: onnx.GraphProto, a: _Attention, made_by, static: dict
     own dims [B, N, S, Hv] (or their static values, 0 for "copy", one -1). Returns the nodes that compute
     the target (removed with the pattern when nothing else reads them), or why it cannot be dropped."""
     why = f"the Reshape {a.regroup.name or a.regroup.output[0]!r} after the attention is not shown to keep the shape"
-    target, nodes = _symbolic_vector(graph, a.regroup.input[1], made_by, a.dims)
+    target, nodes = symbolic_vector(graph, a.regroup.input[1], made_by, a.dims)
     if target is None or len(target) != 4:
         return why
     wanted = a.dims[a.regroup.input[0]]
@@ -285,7 +285,7 @@ def _regroup_target(graph: onnx.GraphProto, a: _Attention, made_by, static: dict
     return nodes
 
 
-def _symbolic_vector(graph: onnx.GraphProto, name: str, made_by, dims: dict[str, list[str]]) -> tuple[list | None, list[onnx.NodeProto]]:
+def symbolic_vector(graph: onnx.GraphProto, name: str, made_by, dims: dict[str, list[str]]) -> tuple[list | None, list[onnx.NodeProto]]:
     """A 1-D int64 tensor as ints and dim symbols: a constant, or a Concat of constants and
     [Unsqueeze(]Gather(Shape(x), i)[)] with x a pattern tensor. (None, []) when it is anything else."""
     value = constant_value(graph, name)
