@@ -152,10 +152,9 @@ class Pipeline:
                         # a quantized model's floor is wide (one flipped rounding moves an output by a step), so
                         # what it admits must also keep the budget the lossy passes were held to
                         record.notes.append(f"within float rounding of the model after {floors.after} (its rounding floor), not of the input")
-                        problem = self._budget_problem(p, candidate, original, ctx)
+                        problem, _ = self._budget_problem(p, candidate, original, ctx)
             else:
-                problem = self._budget_problem(p, candidate, original, ctx)
-                over_budget = problem is not None
+                problem, over_budget = self._budget_problem(p, candidate, original, ctx)
         if problem is None and p.claims and self.latency_guard:
             problem = self._latency_problem(p, record, current.model, candidate, ctx)
         if problem is None and check_deployable:
@@ -167,13 +166,15 @@ class Pipeline:
         record.status, record.after = "applied", stats
         return record, _Accepted(candidate, outputs, stats), False
 
-    def _budget_problem(self, p: Pass, candidate: onnx.ModelProto, original, ctx: PassContext) -> str | None:
-        """Why the candidate breaks the budget against the original model (run as deployed), or None."""
+    def _budget_problem(self, p: Pass, candidate: onnx.ModelProto, original, ctx: PassContext) -> tuple[str | None, bool]:
+        """Why the candidate breaks the budget against the original model (run as deployed), or None; and
+        whether that is the budget (a refit may help) rather than a failure to run at that level."""
         try:
             as_run = runtime.run_all(candidate, ctx.validation, BUDGET_SETTINGS, what=f"the model after {p.name}")
-            return self.budget.violation(original, as_run, ctx.validation_labels)
         except UserError as exc:
-            return str(exc)
+            return str(exc), False
+        problem = self.budget.violation(original, as_run, ctx.validation_labels)
+        return problem, problem is not None
 
     @staticmethod
     def _latency_problem(p: Pass, record: PassRecord, before: onnx.ModelProto, after, ctx: PassContext) -> str | None:

@@ -288,6 +288,29 @@ def test_a_second_run_that_breaks_the_budget_too_is_rolled_back_with_both_reason
     assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
 
 
+def test_a_fitting_pass_whose_model_fails_to_run_as_deployed_is_not_run_again(monkeypatch):
+    """Stub: the candidate (it holds the careful pass's Mul) fails at the budget's settings, onnxruntime's
+    level all. That is no budget a refit could meet: rolled back after one run, with onnxruntime's reason."""
+    from graphopt import pipeline
+    from graphopt.errors import UserError
+
+    real_run_all = pipeline.runtime.run_all
+
+    def run_all(model, feeds, settings=None, what="model"):
+        if settings is pipeline.BUDGET_SETTINGS and any(n.op_type == "Mul" for n in model.graph.node):
+            raise UserError(f"{what} fails at level all (stub)")
+        return real_run_all(model, feeds, settings, what=what) if settings is not None else real_run_all(model, feeds, what=what)
+
+    monkeypatch.setattr(pipeline.runtime, "run_all", run_all)
+    model = relu_neg_model()
+    fits = FitsCosine(careful_at=0.0)  # careful from the start
+    result = graphopt.optimize(model, passes=[fits], data=seeded_feeds(model, n=4, seed=3), fixed_point=False, strict=True)
+    (record,) = result.report.records
+    assert fits.seen == [0.99], "not run again"
+    assert record.status == "rolled back" and record.reason == "the model after fits-cosine fails at level all (stub)"
+    assert not any("run again" in n for n in record.notes)
+
+
 def test_pass_that_breaks_the_optimized_load_is_found_and_rolled_back(monkeypatch):
     """Stub: onnxruntime 'cannot load' a model holding an Identity at ORT_ENABLE_ALL; the first run ends
     with such a model, so the pipeline reruns with that load checked per pass and rolls the pass back."""
