@@ -263,7 +263,8 @@ class Budget:
     def tightened(self, share: float = 0.5) -> "Budget":
         """This budget with `share` of its allowed loss (1 - floor, the relative error, the metric drop):
         what a choice fitted on the calibration feeds aims at, so that it still holds on feeds it never saw
-        (PP-OCRv4 rec: cosine 0.99 on the calibration text lines was 0.974 on the validation ones)."""
+        (PP-OCRv4 rec: cosine 0.99 on the calibration text lines was 0.974 on the validation ones). A share
+        above 1 loosens it: the pipeline asks whether a result over budget is within twice its loss."""
 
         def tighter(key: str, value: float | None) -> float | None:
             if value is None:

@@ -147,6 +147,8 @@ def test_tightened_budget_allows_the_given_share_of_each_loss():
     assert half.metric is metric
     quarter = budget.tightened(0.25)
     assert (quarter.min_cosine, quarter.max_drop) == pytest.approx((0.9975, 0.01))
+    double = budget.tightened(2.0)  # a share above 1 loosens: how the pipeline asks "within twice the loss?"
+    assert (double.min_cosine, double.min_top1, double.max_rel, double.max_drop) == pytest.approx((0.98, 0.96, 0.4, 0.08))
     unset = validate.Budget(max_rel=None, min_top1=None).tightened()
     assert unset.max_rel is None and unset.min_top1 is None
     assert budget.min_cosine == 0.99 and budget.per_output["y"]["cosine"] == 0.9, "the budget itself is unchanged"
