@@ -6,7 +6,8 @@ Rewrites, in the main graph, what quantize-dynamic and then fuse-attention leave
   for r in q, k, v:
     y_r = Mul(Cast(MatMulInteger(x_q, W_r, x_zp)), Mul(x_scale, s_r)) [+ b_r]     W_r: [K, D] int8 constant
     m_r = y_r through Reshapes that keep its first two dims (to [B, S, N, H] and back to [B, S, D])
-  o = MultiHeadAttention(m_q, m_k, m_v, attention_bias=Where(keep, 0, c) [then Expand], num_heads=N, scale)
+  o = MultiHeadAttention(m_q, m_k, m_v, attention_bias=bias [then Expand], num_heads=N, scale)
+      bias = Where(keep, 0, c) (torch's SDPA export) or (1 - keep) * c (eager BERT's extended mask)
 =>
   o = QAttention(x_q, [W_q W_k W_v], [b_q b_k b_v], x_scale, [s_q s_k s_v], mask_index, x_zp,
                  num_heads=N, scale, mask_filter_value=c)
@@ -15,7 +16,8 @@ with mask_index = Cast(keep, int32), squeezed to [B, S, T] (keep is [B, 1, S, T]
 [B, 1, 1, T], the key mask that fuse-attention expanded over the query positions). QAttention adds c where
 the mask is 0 and nothing where it is 1, which is the Where's bias exactly; c = -inf stays -inf, so a query
 whose keys are all masked gives NaN as before (measured), and the NaN guard after the attention still
-turns it into zeros. Without a mask the QAttention has none.
+turns it into zeros. (1 - keep) * c is the same bias where keep is 0 or 1, which it is for an attention
+mask and which its values on calibration feeds must confirm. Without a mask the QAttention has none.
 
 Why: onnxruntime runs the three projections as three MatMulIntegerToFloat kernels and three bias Adds
 around its MultiHeadAttention; QAttention does one integer product over the concatenated [K, 3D] weight,
@@ -28,12 +30,13 @@ arithmetic after them is rounded differently, as for fuse-attention.
 
 Refused (reason recorded; nodes stay): x is not of rank 3 on the calibration feeds (QAttention takes
 [B, S, K]); the projections' hidden sizes differ or are not a multiple of the head count; an intermediate
-tensor is read elsewhere or is a graph output; the weights have a zero point (asymmetric) or differ in
-element type; a Reshape on the way is not shown to keep the batch and sequence dims; the attention bias is
-not Where(keep, 0, c) (an additive bias that is not a 0/1 mask has no QAttention form), or keep's observed
-shapes are not [B, 1, S or 1, T] with the queries' batch and lengths. Not a match, silently: a
-MultiHeadAttention with a key_padding_mask, bias, past or present, projections that are not this form, Q,
-K and V read from different quantized inputs (cross-attention). Subgraphs are not searched.
+tensor is read elsewhere or is a graph output; the weights differ in element type; a Reshape on the way
+is not shown to keep the batch and sequence dims; the attention bias is neither form above (an additive
+bias that is not a 0/1 mask has no QAttention form); keep took values other than 0 and 1 in the (1 - keep)
+* c form; keep's observed shapes are not [B, 1, S or 1, T] with the queries' batch and lengths. Not a
+match, silently: a MultiHeadAttention with a key_padding_mask, bias, past or present, projections that are
+not this form (weights with a zero point among them), Q, K and V read from different quantized inputs
+(cross-attention). Subgraphs are not searched.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.graph import MS_DOMAIN, NameGenerator, attribute, constant_value, consumers, default_opset, drop_unread, is_op, output_names, producers, scalar_constant, splice
+from graphopt.activations import intermediates
+from graphopt.graph import MS_DOMAIN, NameGenerator, attribute, constant_value, consumers, default_opset, drop_unread, is_op, output_names, producers, scalar_constant, scalar_operand, splice
 from graphopt.passes.fuse_attention import symbolic_vector
 from graphopt.passes_base import Pass, PassContext, PassResult, register
 
 MHA_ATTRIBUTES = {"num_heads", "scale"}  # any other (unidirectional, mask_filter_value, ...) is not a match
+VALUE_FEEDS = 8  # calibration feeds on which a (1 - m) * c mask's m is checked to be 0 or 1
 
 
 @dataclass
@@ -73,6 +78,7 @@ class _Match:
     bias: str = ""  # the attention bias, "" without one
     keep: str = ""  # the bool mask of Where(keep, 0, c) when the bias is one
     fill: float = 0.0  # c
+    zero_one: bool = False  # the bias is (1 - keep) * c: the same only where keep is 0 or 1
     mask_nodes: tuple[onnx.NodeProto, ...] = ()  # what makes the bias, readers first: [Expand, its shape's nodes], Where
     key_mask: bool = False  # keep is [B, 1, 1, T]: squeezed to [B, T]
 
@@ -92,10 +98,14 @@ class FuseQuantizedAttention(Pass):
         if not found:
             return PassResult(False)
         observed = ctx.activations.observed_shapes(model)
+
+        def values(name: str) -> list[np.ndarray]:
+            return [np.array(v[name]) for v in intermediates(model, ctx.calibration[:VALUE_FEEDS], [name])]
+
         outputs = output_names(graph)
         refused, accepted = [], []
         for m in found:
-            problem = _problem(m, graph, observed, made_by, read_by, outputs)
+            problem = _problem(m, graph, observed, values, made_by, read_by, outputs)
             if problem:
                 refused.append(f"attention {m.attention.name or m.attention.output[0]!r}: {problem}")
             else:
@@ -135,7 +145,20 @@ def _match(graph: onnx.GraphProto, node: onnx.NodeProto, made_by) -> _Match | No
             where = made_by.get(where.input[0])
         if is_op(where, "Where") and scalar_constant(graph, where.input[1]) == 0.0 and scalar_constant(graph, where.input[2]) is not None:
             match.keep, match.fill, match.mask_nodes = where.input[0], scalar_constant(graph, where.input[2]), (*mask_nodes, where)
+        elif (scaled := _one_minus_times(graph, where, made_by)) is not None:
+            (match.keep, match.fill, nodes), match.zero_one = scaled, True
+            match.mask_nodes = (*mask_nodes, *nodes)
     return match
+
+
+def _one_minus_times(graph: onnx.GraphProto, mul: onnx.NodeProto | None, made_by) -> tuple[str, float, list[onnx.NodeProto]] | None:
+    """(m, c, [the Mul, the Sub]) when `mul` is Mul(Sub(1, m), c) with c a scalar constant (either
+    operand order of the Mul): the extended attention mask of eager BERT exports, m its float 0/1 mask."""
+    side = scalar_operand(graph, mul) if is_op(mul, "Mul") else None
+    sub = made_by.get(mul.input[1 - side]) if side is not None else None
+    if not is_op(sub, "Sub") or scalar_constant(graph, sub.input[0]) != 1.0:
+        return None
+    return sub.input[1], scalar_constant(graph, mul.input[side]), [mul, sub]
 
 
 def _shape_nodes(name: str, made_by) -> list[onnx.NodeProto]:
@@ -196,7 +219,8 @@ def _projection(graph: onnx.GraphProto, name: str, made_by) -> _Projection | Non
     )
 
 
-def _problem(m: _Match, graph: onnx.GraphProto, observed: dict[str, set[tuple[int, ...]]], made_by, read_by, outputs: set[str]) -> str | None:
+def _problem(m: _Match, graph: onnx.GraphProto, observed: dict[str, set[tuple[int, ...]]], values, made_by, read_by, outputs: set[str]) -> str | None:
+    """Why `m` cannot be rewritten, or None. `values(name)` gives a tensor's values on calibration feeds."""
     x_shapes = observed.get(m.x, set())
     if not x_shapes or any(len(s) != 3 for s in x_shapes):
         return f"{m.x} has shapes {sorted(x_shapes)} on the calibration feeds: QAttention takes [batch, sequence, hidden]"
@@ -218,7 +242,9 @@ def _problem(m: _Match, graph: onnx.GraphProto, observed: dict[str, set[tuple[in
             if attribute(reshape, "allowzero", 0) or target is None or target[0] not in (0, "B") or target[1] not in (0, "S"):
                 return f"the Reshape {reshape.name or reshape.output[0]!r} is not shown to keep the batch and sequence dims"
     if m.bias and not m.keep:
-        return f"the attention bias {m.bias} is not Where(mask, 0, c): QAttention takes a 0/1 mask, not an additive bias"
+        return f"the attention bias {m.bias} is not Where(mask, 0, c) or (1 - mask) * c: QAttention takes a 0/1 mask, not an additive bias"
+    if m.zero_one and not all(np.isin(v, (0.0, 1.0)).all() for v in values(m.keep)):
+        return f"the attention bias is (1 - {m.keep}) * c and {m.keep} took values other than 0 and 1 on the calibration feeds: QAttention's mask only keeps or masks"
     if m.keep:
         return _mask_problem(m, observed.get(m.keep, set()), x_shapes)
     return None

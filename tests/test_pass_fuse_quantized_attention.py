@@ -28,6 +28,32 @@ def where_mask_model(keep_shape=("batch", 1, "seq", "seq"), fill: float = NEG_IN
     return model
 
 
+def eager_mask_model(fill: float = float(np.finfo(np.float32).min)) -> onnx.ModelProto:
+    """The same attention with eager BERT's extended mask: (1 - float(attention_mask[:, None, None, :])) * fill."""
+    model = sdpa_model(mask_shape=("batch", 1, 1, "seq"))
+    model.graph.input[1].CopyFrom(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]))
+    nodes = [
+        helper.make_node("Unsqueeze", ["attention_mask", "axes12"], ["mask4"]),
+        helper.make_node("Cast", ["mask4"], ["mask_float"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "mask_float"], ["inverted"]),
+        helper.make_node("Mul", ["inverted", "fill"], ["mask"]),
+    ]
+    for k, n in enumerate(nodes):
+        model.graph.node.insert(k, n)
+    model.graph.initializer.extend([const("axes12", [1, 2], np.int64), const("one", 1.0), const("fill", fill)])
+    return model
+
+
+def mask_feeds(n: int = 2) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(8)
+    feeds = []
+    for _ in range(n):
+        mask = (rng.random((BATCH, QUERIES)) < 0.6).astype(np.int64)
+        mask[:, 0] = 1
+        feeds.append({"x": rng.standard_normal((BATCH, QUERIES, HIDDEN)).astype(np.float32), "attention_mask": mask})
+    return feeds
+
+
 def keep_feeds(keep_shape=(BATCH, 1, QUERIES, QUERIES), n: int = 2) -> list[dict[str, np.ndarray]]:
     """Keys kept at random; batch item 1 keeps none (its rows are NaN through the attention, zeros after
     the guard)."""
@@ -129,6 +155,35 @@ def test_a_key_mask_expanded_by_fuse_attention_becomes_a_two_dimensional_mask_in
     assert list(init(model, squeeze.input[1])) == [1, 2] and node(model, "QAttention").input[5] == squeeze.output[0]
 
 
+def test_eager_berts_extended_mask_becomes_the_mask_index():
+    """(1 - m) * c with m the float [B, 1, 1, T] mask: QAttention gets m as [B, T] and c as its fill; the
+    Sub, the Mul and fuse-attention's Expand with its shape go."""
+    feeds = mask_feeds()
+    model = quantized_attention(eager_mask_model(), feeds)
+    result = fuse(model, feeds)
+    assert result.changed and result.counts["mask_nodes_removed"] == 6  # Expand, Concat, Gather, Shape, Mul, Sub
+    assert not {"Sub", "Expand", "MultiHeadAttention"} & set(op_types(model))
+    qa, squeeze = node(model, "QAttention"), node(model, "Squeeze")
+    assert attrs(qa)["mask_filter_value"] == np.finfo(np.float32).min
+    assert qa.input[5] == squeeze.output[0] and list(init(model, squeeze.input[1])) == [1, 2]
+    cast = next(n for n in model.graph.node if n.op_type == "Cast" and n.output[0] == squeeze.input[0])
+    assert cast.input[0] == "mask_float" and attrs(cast)["to"] == TensorProto.INT32
+
+
+def test_an_extended_mask_of_values_other_than_zero_and_one_is_refused():
+    """(1 - m) * c is a 0/1 mask only where m is 0 or 1: with m = 0.5 it adds c / 2, which QAttention cannot."""
+    feeds = mask_feeds()
+    model = eager_mask_model()
+    next(n for n in model.graph.node if n.op_type == "Cast").output[0] = "mask_raw"
+    model.graph.node.insert(2, helper.make_node("Mul", ["mask_raw", "half"], ["mask_float"]))
+    model.graph.initializer.append(const("half", 0.5))
+    quantized_attention(model, feeds)
+    result = run_pass(FuseQuantizedAttention(), model, feeds)
+    assert not result.changed
+    (reason,) = result.refused
+    assert reason.endswith("the attention bias is (1 - mask_float) * c and mask_float took values other than 0 and 1 on the calibration feeds: QAttention's mask only keeps or masks")
+
+
 def test_without_a_mask_the_qattention_has_none():
     model = sdpa_model(regroup=False, guard=False)
     model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Add" and "mask" in n.input))
@@ -149,7 +204,7 @@ def test_an_additive_bias_that_is_not_a_where_mask_is_refused():
     result = run_pass(FuseQuantizedAttention(), model, feeds)
     assert not result.changed and "QAttention" not in op_types(model)
     (reason,) = result.refused
-    assert reason.endswith("the attention bias mask is not Where(mask, 0, c): QAttention takes a 0/1 mask, not an additive bias")
+    assert reason.endswith("the attention bias mask is not Where(mask, 0, c) or (1 - mask) * c: QAttention takes a 0/1 mask, not an additive bias")
 
 
 def test_a_mask_broadcast_over_the_batch_is_refused():
