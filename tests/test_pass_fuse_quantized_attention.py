@@ -133,6 +133,29 @@ def test_before_opset_13_the_squeeze_takes_its_axes_as_an_attribute():
     assert len(squeeze.input) == 1 and attrs(squeeze)["axes"] == [1]
 
 
+def test_attention_still_spelled_out_is_fused_here_first():
+    """fuse-attention rolled back (not faster alone): this pass runs its rewrite first, then its own."""
+    feeds = keep_feeds()
+    model = where_mask_model()
+    assert run_pass(QuantizeDynamic(fallback=False, latency_fallback=False, min_weight_elements=0), model, feeds).changed
+    assert "MultiHeadAttention" not in op_types(model)
+    result = fuse(model, feeds)
+    assert result.changed and result.counts["attention_fused"] == 1
+    assert result.notes == ["the attention was still spelled out: fuse-attention's rewrite ran first, and this pass is timed with it"]
+    ops = op_types(model)
+    assert "QAttention" in ops and not {"MultiHeadAttention", "Softmax", "MatMulInteger"} & set(ops)
+
+
+def test_without_quantized_projections_the_spelled_out_attention_is_left_alone():
+    """fuse-attention's rewrite alone is fuse-attention's to judge: with nothing to quantize after it, the
+    model comes back unchanged."""
+    feeds = keep_feeds()
+    model = where_mask_model()
+    before = copy_model(model)
+    result = run_pass(FuseQuantizedAttention(), model, feeds)
+    assert not result.changed and model == before
+
+
 def test_a_finite_fill_becomes_the_mask_filter_value():
     feeds = keep_feeds()
     model = quantized_attention(where_mask_model(fill=-1e4), feeds)
