@@ -165,11 +165,17 @@ def test_eager_bert_form_cross_attention_heads_split_with_minus_one():
     assert "IsNaN" not in op_types(model) and "Softmax" not in op_types(model)
 
 
-def test_without_a_mask_the_attention_has_three_inputs():
+def unmasked_sdpa_model() -> onnx.ModelProto:
+    """sdpa_model without regroup, guard and mask: the scores go straight to Softmax; input x only."""
     model = sdpa_model(regroup=False, guard=False)
     model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Add" and "mask" in n.input))
     next(n for n in model.graph.node if n.op_type == "Softmax").input[0] = "scores"
     model.graph.input.pop()
+    return model
+
+
+def test_without_a_mask_the_attention_has_three_inputs():
+    model = unmasked_sdpa_model()
     feeds = [{"x": f["x"]} for f in self_feeds()]
     result = fuse(model, feeds)
     assert result.counts == {"attention_fused": 1, "nodes_removed": 9 - 5}

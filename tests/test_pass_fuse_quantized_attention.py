@@ -14,7 +14,7 @@ from graphopt.passes.fuse_attention import FuseAttention
 from graphopt.passes.fuse_quantized_attention import FuseQuantizedAttention
 from graphopt.passes.quantize_dynamic import QuantizeDynamic
 from tests.helpers import assert_same_outputs, op_types, ort_outputs, run_pass
-from tests.test_pass_fuse_attention import BATCH, HEAD, HEADS, HIDDEN, QUERIES, const, sdpa_model
+from tests.test_pass_fuse_attention import BATCH, HEAD, HEADS, HIDDEN, QUERIES, const, sdpa_model, unmasked_sdpa_model
 
 NEG_INF = -np.inf
 
@@ -208,10 +208,7 @@ def test_an_extended_mask_of_values_other_than_zero_and_one_is_refused():
 
 
 def test_without_a_mask_the_qattention_has_none():
-    model = sdpa_model(regroup=False, guard=False)
-    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Add" and "mask" in n.input))
-    next(n for n in model.graph.node if n.op_type == "Softmax").input[0] = "scores"
-    model.graph.input.pop()
+    model = unmasked_sdpa_model()
     feeds = [{"x": f["x"]} for f in keep_feeds()]
     quantized_attention(model, feeds)
     assert fuse(model, feeds).changed
