@@ -134,7 +134,8 @@ class Pass:
     # "speed": the pipeline keeps the pass only if the model got faster; "size": only if it got no slower
     claims: ClassVar[str] = ""
     # True: the pass backs off against ctx.budget on the calibration feeds, so when its result breaks the
-    # budget on the validation feeds, the pipeline runs it once more with ctx.budget tightened
+    # budget on the validation feeds (by less than the pipeline's REFIT_REACH), the pipeline runs it once
+    # more with ctx.budget tightened
     fits_budget: ClassVar[bool] = False
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:  # pragma: no cover

@@ -130,16 +130,16 @@ class Pipeline:
         try:
             result = p.run(candidate, ctx)
         except PassError as exc:
-            return self._failed(record, t0, f"{exc} (passes before: {', '.join(ran) or 'none'})"), None, False
+            return self._failed(record, t0, f"{exc} (passes before: {', '.join(ran) or 'none'})"), None, ""
         except Exception as exc:
             if self.strict:
                 raise
-            return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None, False
+            return self._failed(record, t0, f"internal error {type(exc).__name__}: {exc} (passes before: {', '.join(ran) or 'none'}); please report it"), None, ""
         record.seconds = time.perf_counter() - t0
         record.counts, record.refused = dict(result.counts), list(result.refused)
         record.details, record.notes = dict(result.details), list(result.notes)
         if not result.changed:
-            return record, None, False
+            return record, None, ""
         t1 = time.perf_counter()
         blob = serialized(candidate)  # serialized once for the stats and the checker
         stats = ModelStats.of(candidate, len(blob) if blob is not None else None)

@@ -97,22 +97,21 @@ class FuseQuantizedAttention(Pass):
     claims = "speed"
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        if _matches(model.graph):
-            return self._fuse(model, ctx, [])
+        if found := _matches(model.graph):
+            return self._fuse(model, found, ctx, [])
         # attention still spelled out (fuse-attention alone was not faster: eager exports): fuse it here
         # first, so that the latency guard judges the two rewrites together
         spelled = copy_model(model)
-        if not FuseAttention().run(spelled, ctx).changed or not _matches(spelled.graph):
+        if not FuseAttention().run(spelled, ctx).changed or not (found := _matches(spelled.graph)):
             return PassResult(False)
-        result = self._fuse(spelled, ctx, ["the attention was still spelled out: fuse-attention's rewrite ran first, and this pass is timed with it"])
+        result = self._fuse(spelled, found, ctx, ["the attention was still spelled out: fuse-attention's rewrite ran first, and this pass is timed with it"])
         if result.changed:
             model.CopyFrom(spelled)
         return result
 
-    def _fuse(self, model: onnx.ModelProto, ctx: PassContext, notes: list[str]) -> PassResult:
+    def _fuse(self, model: onnx.ModelProto, found: list[_Match], ctx: PassContext, notes: list[str]) -> PassResult:
         graph = model.graph
         made_by, read_by = producers(graph), consumers(graph)
-        found = _matches(graph)
         observed = ctx.activations.observed_shapes(model)
 
         def values(name: str) -> list[np.ndarray]:
@@ -252,12 +251,12 @@ def _problem(m: _Match, graph: onnx.GraphProto, observed: dict[str, set[tuple[in
         shapes = ", ".join(f"{list(w.shape)} {w.dtype}" for w in weights)
         return f"the Q, K and V weights ({shapes}) do not share one shape and element type with a hidden size divisible by {heads} heads"
     removed = {id(n) for p in m.projections for n in p.nodes} | {id(n) for n in _masks_left_unread([m], read_by, outputs)}
+    leading = _leading_dims(observed, x_shapes)
     for p in m.projections:
         for node in p.nodes:
             for name in node.output:
                 if name in outputs or any(id(r) not in removed and r is not m.attention for r in read_by.get(name, [])):
                     return f"{name} is also read elsewhere or is a graph output"
-        leading = _LeadingDims(observed, x_shapes)
         for reshape in p.reshapes:
             target, _ = symbolic_vector(graph, reshape.input[1], made_by, leading)
             if attribute(reshape, "allowzero", 0) or target is None or target[0] not in (0, "B") or target[1] not in (0, "S"):
@@ -271,21 +270,18 @@ def _problem(m: _Match, graph: onnx.GraphProto, observed: dict[str, set[tuple[in
     return None
 
 
-class _LeadingDims:
-    """For fuse-attention's symbolic_vector: a tensor's dims as symbols B, S, ... when its first two dims
-    were the queries' batch and length on the calibration feeds (as a set, the standard fuse-attention holds
-    head counts to), so that Shape(t)[0] and Shape(t)[1] stand for B and S in a Reshape target; None
-    otherwise."""
-
-    def __init__(self, observed: dict[str, set[tuple[int, ...]]], x_shapes: set[tuple[int, ...]]):
-        self.observed, self.leading = observed, {s[:2] for s in x_shapes}
-
-    def get(self, name: str) -> list[str] | None:
-        seen = self.observed.get(name, set())
+def _leading_dims(observed: dict[str, set[tuple[int, ...]]], x_shapes: set[tuple[int, ...]]) -> dict[str, list[str]]:
+    """For fuse-attention's symbolic_vector: the tensors whose first two dims were the queries' batch and
+    length on the calibration feeds (as a set, the standard fuse-attention holds head counts to), with
+    their dims as symbols B, S, ..., so that Shape(t)[0] and Shape(t)[1] stand for B and S in a Reshape
+    target."""
+    leading = {s[:2] for s in x_shapes}
+    dims = {}
+    for name, seen in observed.items():
         ranks = {len(s) for s in seen}
-        if len(ranks) != 1 or min(ranks) < 2 or {s[:2] for s in seen} != self.leading:
-            return None
-        return ["B", "S"] + [f"d{i}" for i in range(2, min(ranks))]
+        if len(ranks) == 1 and min(ranks) >= 2 and {s[:2] for s in seen} == leading:
+            dims[name] = ["B", "S"] + [f"d{i}" for i in range(2, min(ranks))]
+    return dims
 
 
 def _mask_problem(m: _Match, seen: set[tuple[int, ...]], x_shapes: set[tuple[int, ...]]) -> str | None:
