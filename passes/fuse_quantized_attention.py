@@ -114,8 +114,12 @@ class FuseQuantizedAttention(Pass):
         made_by, read_by = producers(graph), consumers(graph)
         observed = ctx.activations.observed_shapes(model)
 
+        seen_values: dict[str, list[np.ndarray]] = {}  # the layers of one model share one mask
+
         def values(name: str) -> list[np.ndarray]:
-            return [np.array(v[name]) for v in intermediates(model, ctx.calibration[:VALUE_FEEDS], [name])]
+            if name not in seen_values:
+                seen_values[name] = [np.array(v[name]) for v in intermediates(model, ctx.calibration[:VALUE_FEEDS], [name])]
+            return seen_values[name]
 
         outputs = output_names(graph)
         refused, accepted = [], []
