@@ -14,6 +14,8 @@ Rewrites (main graph only):
     so onnxruntime drops the pair and moves integers through them
 Every quantized tensor gets one Q -> DQ pair that all its readers share (a graph output keeps its name: the
 DQ writes it); a weight read by several quantized nodes is quantized once and has one DequantizeLinear.
+A float Conv/ConvTranspose/Gemm reading a quantized tensor gets its own per-axis DequantizeLinear of it
+(the same values): from the shared per-tensor one, onnxruntime would quantize it with per-tensor weights.
 Weights are symmetric int8 (`per_channel`: one scale per output channel, else one per tensor) in 8 or 7
 bits (`weight_bits`; 0 decides by measurement, see the guards), initializers or Constant nodes; activations asymmetric uint8 or int8 (`activations`); biases int32 with scale = input
 scale x weight scale and zero point 0. Opsets below 13 are upgraded to 13 (per-axis DequantizeLinear).
@@ -689,6 +691,30 @@ def drop_lopsided_concats(plan: Plan, ranges: dict[str, tuple[float, float]]) ->
     plan.units = keep
 
 
+def float_weighted_input(node: onnx.NodeProto, tensor: str, graph: onnx.GraphProto, made_by) -> tuple[int, int] | None:
+    """(axis, length) of the channel axis of `tensor` when `node` is a float Conv, ConvTranspose or Gemm
+    reading it as input 0 with a constant weight; else None.
+
+    onnxruntime's WeightBiasQuantization (level basic) quantizes such a node itself when its input comes
+    from a per-tensor DequantizeLinear and its output goes to a QuantizeLinear: it becomes a QLinearConv
+    with per-tensor weights, and a node the guards returned to float for accuracy or speed would not be
+    float. A per-axis DequantizeLinear of the same values does not match that pattern."""
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != tensor or len(node.input) < 2:
+        return None
+    w = qdq.weight(graph, node.input[1], made_by)
+    if w is None:
+        return None
+    if node.op_type == "Gemm":
+        if w.ndim != 2:
+            return None
+        inner = w.shape[1] if attribute(node, "transB", 0) else w.shape[0]
+        return (0 if attribute(node, "transA", 0) else 1), int(inner)
+    if w.ndim < 3:
+        return None
+    channels = w.shape[0] if node.op_type == "ConvTranspose" else w.shape[1] * attribute(node, "group", 1)
+    return 1, int(channels)
+
+
 def fused_origin(name: str) -> str:
     """The original node name of a kernel in onnxruntime's optimized graph (the NHWC transformer appends
     `_token_<n>`)."""
@@ -734,6 +760,15 @@ class Builder:
         values = np.clip(np.rint(bias / scale.astype(np.float64)), info.min, info.max).astype(np.int32)
         return values, scale
 
+    def _per_axis_dequantize(self, b: qdq.QdqBuilder, tensor: str, quantized: str, wanted: set[str], dtype, axis: int, channels: int) -> str:
+        """A DequantizeLinear of `quantized` with the tensor's one scale and zero point repeated along
+        `axis`: the same values, but not per tensor, so onnxruntime leaves the float reader float (see
+        float_weighted_input)."""
+        scale, zero = self.params(tensor, wanted, dtype)
+        s = b.initializer(f"{tensor}_scale_per_axis", np.full(channels, scale, np.float32))
+        z = b.initializer(f"{tensor}_zero_point_per_axis", np.full(channels, zero, dtype))
+        return b.dequantize(f"{tensor}_per_axis", quantized, s, z, axis=axis)
+
     def build(self, units: list[Unit], dtype) -> onnx.ModelProto:
         """A copy of the plan's model with `units` quantized."""
         model = copy_model(self.plan.model)
@@ -751,6 +786,7 @@ class Builder:
         front: list[onnx.NodeProto] = []
         renames: dict[int, dict[str, str]] = defaultdict(dict)
         param_names: dict[str, tuple[str, str]] = {}
+        unit_nodes = {id(nodes[u.index]) for u in units}
         for tensor in wanted_list:
             base = root(self.plan, tensor, wanted)
             if base not in param_names:
@@ -767,8 +803,14 @@ class Builder:
             dq_out = b.dequantize(tensor, quantized, s, z)
             if dq_name is not None:
                 b.new_nodes[-1].output[0] = dq_name
-            else:
-                for reader in readers.get(tensor, []):
+            per_axis: dict[tuple[int, int], str] = {}
+            for reader in readers.get(tensor, []):
+                spread = None if id(reader) in unit_nodes else float_weighted_input(reader, tensor, graph, made_by)
+                if spread is not None:
+                    if spread not in per_axis:
+                        per_axis[spread] = self._per_axis_dequantize(b, tensor, quantized, wanted, dtype, *spread)
+                    renames[id(reader)][tensor] = per_axis[spread]
+                elif dq_name is None:
                     renames[id(reader)][tensor] = dq_out
             (after[position[id(prod)]] if prod is not None else front).extend(b.new_nodes)
             b.new_nodes = []

@@ -12,9 +12,9 @@ from graphopt import calibrate, profiling, runtime
 from graphopt.bench import Timing
 from graphopt.errors import PassError
 from graphopt.activations import ActivationCache
-from graphopt.graph import copy_model
+from graphopt.graph import copy_model, producers
 from graphopt.passes import qdq, quantize_static
-from graphopt.passes.quantize_static import DECISION_KEY, QuantizeStatic, Unit, slower_units
+from graphopt.passes.quantize_static import DECISION_KEY, Builder, QuantizeStatic, Unit, calibrated_tensors, float_weighted_input, make_plan, slower_units
 from graphopt.passes_base import PassContext, make_pass
 from graphopt.profiling import NodeTime
 from graphopt.runtime import RuntimeSettings
@@ -203,6 +203,71 @@ def test_residual_add_shares_one_qdq_per_tensor():
     ops, chains = fused(after)
     assert ops.count("QLinearConv") == 2 and "QLinearAdd" in ops and chains == []
     check_close(before, after)
+
+
+def _build_without(model, left_float):
+    """The model quantized by the pass's Builder (minmax ranges, uint8) with every unit but `left_float`."""
+    plan = make_plan(model, quantize_static.ACTIVATION_INPUTS)
+    feeds = seeded_feeds(model, 8)
+    stats = calibrate.collect(plan.model, feeds, calibrated_tensors(plan, plan.units), bins=2048)
+    builder = Builder(plan, {t: s.range("minmax") for t, s in stats.items()}, True, {})
+    return builder.build([u for u in plan.units if u.name != left_float], np.uint8)
+
+
+def test_a_float_conv_between_quantized_tensors_stays_float_in_onnxruntime():
+    """conv2 left float between the quantized r and the quantized Add. From the shared per-tensor DQ of r,
+    onnxruntime's WeightBiasQuantization would make it a QLinearConv with per-tensor weights on its own;
+    it reads a per-axis DQ of the same integers with the same scale instead, and stays a float Conv."""
+    before = residual_model()
+    after = _build_without(before, "conv2")
+    conv2 = next(n for n in after.graph.node if n.name == "conv2")
+    per_axis, shared = producer(after, conv2.input[0]), producer(after, node(after, "Add").input[1])
+    assert per_axis.op_type == shared.op_type == "DequantizeLinear" and per_axis is not shared
+    assert per_axis.input[0] == shared.input[0] and axis_of(per_axis) == 1 and axis_of(shared) is None
+    for k in (1, 2):
+        np.testing.assert_array_equal(init(after, per_axis.input[k]), np.full(4, init(after, shared.input[k])))
+    ops, chains = fused(after)
+    assert ops.count("QLinearConv") == 1 and ops.count("Conv") == 1 and chains == []
+    check_close(before, after)
+    conv2.input[0] = shared.output[0]  # what the pass did before: onnxruntime quantizes conv2 itself
+    assert fused(after)[0].count("QLinearConv") == 2
+
+
+def _reader(op_type, w_shape, inputs=("x", "w"), **attrs):
+    nodes = [helper.make_node(op_type, list(inputs), ["y"], name="n", **attrs)]
+    dims = ["d0", "d1"] if op_type in ("Gemm", "MatMul") else ["d0", "d1", "d2", "d3"]
+    return make_model(nodes, [vi("x", dims)], [vi("y", ["e" + d for d in dims])], [tensor("w", w_shape)]), nodes[0]
+
+
+@pytest.mark.parametrize(
+    "op_type, w_shape, attrs, expected",
+    [
+        ("Conv", [8, 2, 3, 3], {"group": 2}, (1, 4)),
+        ("ConvTranspose", [4, 6, 3, 3], {}, (1, 4)),
+        ("Gemm", [64, 32], {}, (1, 64)),
+        ("Gemm", [32, 64], {"transB": 1}, (1, 64)),
+        ("Gemm", [64, 32], {"transA": 1}, (0, 64)),
+    ],
+)
+def test_float_weighted_input_is_the_channel_axis_of_input_0(op_type, w_shape, attrs, expected):
+    model, reader = _reader(op_type, w_shape, **attrs)
+    assert float_weighted_input(reader, "x", model.graph, producers(model.graph)) == expected
+
+
+@pytest.mark.parametrize(
+    "why, op_type, inputs, fed_weight",
+    [
+        ("onnxruntime does not quantize a float MatMul on its own", "MatMul", ("x", "w"), False),
+        ("the tensor is not input 0", "Conv", ("w", "x"), False),
+        ("a weight fed at run time is not an initializer", "Conv", ("x", "w"), True),
+    ],
+)
+def test_float_weighted_input_refuses(why, op_type, inputs, fed_weight):
+    model, reader = _reader(op_type, [4, 4] if op_type == "MatMul" else [4, 4, 1, 1], inputs)
+    if fed_weight:
+        model.graph.initializer.pop()
+        model.graph.input.append(vi("w", [4, 4, 1, 1]))
+    assert float_weighted_input(reader, "x", model.graph, producers(model.graph)) is None, why
 
 
 def test_concat():
@@ -472,7 +537,7 @@ def test_bias_correction_changes_the_bias():
 def test_bias_correction_shift_is_the_mean_change_per_channel(opset):
     """weight_shifts: per output channel, the mean over batch and pixels of conv(x, dequantized W) -
     conv(x, W), reduced inside the graph (only a vector per Conv leaves onnxruntime)."""
-    from graphopt.passes.quantize_static import make_plan, weight_shifts
+    from graphopt.passes.quantize_static import weight_shifts
 
     model = conv_relu_model()
     model.opset_import[0].version = opset
