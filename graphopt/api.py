@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,18 @@ def resolve_passes(passes: list[str | Pass] | str | None, preset: str | None) ->
     return [p if isinstance(p, Pass) else parse_pass_spec(p) for p in passes]
 
 
+def with_keep_float(passes: list[Pass], pattern: str) -> list[Pass]:
+    """`passes` with `pattern` as the `keep_float` option of those that take one and were given none."""
+    def takes(p: Pass) -> bool:
+        return dataclasses.is_dataclass(p) and any(f.name == "keep_float" for f in dataclasses.fields(p))
+
+    if not pattern:
+        return passes
+    if not any(takes(p) for p in passes):
+        raise UserError(f"--keep-float {pattern!r}: none of the passes ({', '.join(p.name for p in passes)}) quantizes anything; use it with --preset int8 or int4 or a quantize pass")
+    return [dataclasses.replace(p, keep_float=pattern) if takes(p) and not p.keep_float else p for p in passes]
+
+
 def accuracy(outputs: list[dict[str, np.ndarray]], labels: list[np.ndarray]) -> float:
     """Share of samples whose argmax over the last axis of the first output equals the label."""
     hits = total = 0
@@ -91,6 +104,7 @@ def optimize(
     strict: bool = False,
     bench_rounds: int = 30,
     latency_guard: bool = True,
+    keep_float: str = "",
 ) -> OptimizeResult:
     """Run passes (default: the `lossless` preset) on a model, validating each with onnxruntime.
 
@@ -102,10 +116,12 @@ def optimize(
     `bench_rounds` is how many interleaved runs the latency guard times per model; `latency_guard=False`
     keeps passes that claim speed or size without timing them (when this machine is not the target). `rounding_floor=False` holds lossless passes to the fixed float tolerance
     even where onnxruntime's own optimizations differ by more (see graphopt.validate).
+    `keep_float`, a regular expression of node names, is the `keep_float` option of every pass that has
+    one and was not given its own (the quantize passes: those nodes stay float).
     """
     if not isinstance(model, onnx.ModelProto):
         model = model_io.load(model)
-    pass_list = resolve_passes(passes, preset)
+    pass_list = with_keep_float(resolve_passes(passes, preset), keep_float)
     feeds = data_mod.feed_set(data, model, count=4, seed=seed, shapes=shapes, batch=batch)
     used = data_mod.FeedSet(feeds.feeds[:max_feeds], feeds.labels[:max_feeds] if feeds.labels else None, feeds.source)
     if not used.feeds:

@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-fidelity", default="", help="fidelity floors of lossy passes vs the original, per output: cosine=0.99,top1=0.99,rel=0.05 or OUTPUT:KEY=VALUE (default cosine=0.99,top1=0.99)")
     p.add_argument("--val", help="held-out validation feeds (.npz or folder); default: the second half of --data")
     p.add_argument("--latency-rounds", type=int, default=30, help="interleaved runs per model when a pass's speed or size claim is timed (default 30)")
+    p.add_argument("--keep-float", default="", help="regular expression searched in node names: the nodes it matches stay float in every quantize pass, e.g. '^/model\\.0/'")
     p.add_argument("--no-latency-guard", action="store_true", help="keep passes that claim speed or size without timing them here (this machine is not the deployment target)")
     _feed_args(p)
     p.set_defaults(handler=_optimize)
@@ -139,6 +140,7 @@ def _optimize(args) -> int:
         rounding_floor=not args.strict_rounding,
         bench_rounds=args.latency_rounds,
         latency_guard=not args.no_latency_guard,
+        keep_float=args.keep_float,
     )
     external = {"auto": True if info.external_data else None, "yes": True, "no": False}[args.external_data]
     model.save(result.model, args.output, external_data=external, source=source, force=args.force)

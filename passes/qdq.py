@@ -13,6 +13,7 @@ Not a pass. Conventions:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from graphopt import validate
+from graphopt.errors import UserError
 from graphopt.graph import NameGenerator, STANDARD_DOMAINS, constant_value, default_opset
 
 # Integer types a quantized weight is stored in.
@@ -87,6 +89,31 @@ def weight(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeProto]
     if value is None or value.dtype.kind != "f":
         return None
     return value
+
+
+@dataclass(frozen=True)
+class KeepFloat:
+    """The nodes a user keeps float (the quantize passes' `keep_float` option): a regular expression
+    searched in each node's name, or in its first output's name when it has none. Empty: no node."""
+
+    pattern: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise UserError(f"keep_float {self.pattern!r} is not a regular expression ({exc}); it is searched in node names, e.g. keep_float=^/model\\.0/") from None
+
+    def __call__(self, node: onnx.NodeProto) -> bool:
+        label = node.name or (node.output[0] if node.output else "")
+        return bool(self.pattern) and re.search(self.pattern, label) is not None
+
+    def reason(self) -> str:
+        return f"keep_float {self.pattern!r} matches it"
+
+    def unmatched_note(self, matched: int) -> list[str]:
+        """A note when the option is set but kept no node (a typo, or nodes this pass does not quantize)."""
+        return [f"keep_float {self.pattern!r} matched no node this pass quantizes"] if self.pattern and not matched else []
 
 
 @dataclass

@@ -40,6 +40,7 @@ neighbouring Convs are what this costs, so small Convs lose: the latency guard b
 then the Convs as a group against the model without them.
 
 Refused (node left float, listed in details["kept_float"] with a reason):
+  requested    - the node's name matches `keep_float` (a regular expression)
   unsupported  - the weight (B) is computed at run time (attention scores), is not 2-D, is not float32
                  (DynamicQuantizeLinear takes float32 only), is defined outside the body, or Gemm has transA=1
   too small    - K*N below min_weight_elements: quantizing the activation costs more than the integer
@@ -132,11 +133,16 @@ class QuantizeDynamic(Pass):
     weight_bits: int = 0  # 8, 7, or 0: whichever is more accurate on this machine
     latency_fallback: bool = True  # nodes whose quantized kernels profile slower stay float
     sensitivity: str = "layer"  # how the fallback ranks nodes: "layer" (own output error) or "model" (see below)
+    keep_float: str = ""  # a regular expression of node names to leave float (reason "requested")
+
+    def __post_init__(self) -> None:
+        self.kept_by_user = qdq.KeepFloat(self.keep_float)  # a bad expression is the user's error, now
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         notes = [n for n in [qdq.ensure_opset(model, MIN_OPSET)] if n]
         ops = {op.strip() for op in self.ops.split(",") if op.strip()}
-        plan = _plan(model, ops, self.min_weight_elements)
+        plan = _plan(model, ops, self.min_weight_elements, self.kept_by_user)
+        notes += self.kept_by_user.unmatched_note(sum(k["reason"] == "requested" for k in plan.kept_float))
         details = {"quantized": {}, "kept_float": plan.kept_float, "format": FORMAT}
         if not plan.sites:
             return PassResult(changed=False, details=details, notes=notes, refused=_refusals(plan.kept_float))
@@ -287,13 +293,16 @@ def _kept(site_or_node, reason: str, detail: str) -> dict:
     return {"node": node.name or node.output[0], "op_type": node.op_type, "reason": reason, "detail": detail}
 
 
-def _plan(model: onnx.ModelProto, ops: set[str], min_elements: int) -> _Plan:
-    """Which nodes can be quantized, and why the others cannot."""
+def _plan(model: onnx.ModelProto, ops: set[str], min_elements: int, keep: qdq.KeepFloat) -> _Plan:
+    """Which nodes can be quantized, and why the others cannot (or, named by `keep`, are not)."""
     plan = _Plan()
     for index, graph in enumerate(iter_graphs(model.graph)):
         made_by = producers(graph)
         for node in graph.node:
             if node.op_type not in ops or node.op_type not in QuantizeDynamic.op_types or node.domain not in STANDARD_DOMAINS:
+                continue
+            if keep(node):
+                plan.kept_float.append(_kept(node, "requested", keep.reason()))
                 continue
             if node.op_type == "LSTM":
                 _plan_lstm(plan, index, graph, node, made_by)

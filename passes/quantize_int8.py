@@ -16,6 +16,8 @@ to the model it starts from, and it then refuses as soon as it knows it cannot b
 accuracy search (MiniLM: static's search took 27 s of the 108 s int8 preset for a model slower than the
 dynamic one).
 
+`keep_float` (a regular expression of node names) is handed to every candidate that takes it.
+
 Refused (changed=False, reasons in `refused`):
   a model that already holds QuantizeLinear/DequantizeLinear or integer kernels: it is quantized already
     (this also makes the pass a no-op in the pipeline's later fixed-point rounds)
@@ -32,6 +34,7 @@ import onnx
 
 from graphopt import profiling
 from graphopt.graph import copy_model, iter_graphs
+from graphopt.passes import qdq
 from graphopt.passes_base import Pass, PassContext, PassResult, make_pass, register, registry
 
 QUANTIZING_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -51,6 +54,10 @@ class QuantizeInt8(Pass):
     claims = "speed"
     fits_budget = True
     candidates: str = "quantize-dynamic,quantize-static,quantize-dynamic+quantize-static"
+    keep_float: str = ""  # a regular expression of node names every candidate leaves float
+
+    def __post_init__(self) -> None:
+        qdq.KeepFloat(self.keep_float)  # a bad expression is the user's error, now, not a candidate's refusal
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         if already_quantized(model):
@@ -69,7 +76,7 @@ class QuantizeInt8(Pass):
                 continue
             start, start_ratio = (tried[prefix][0], ratios[prefix]) if prefix else (model, 1.0)
             candidate = copy_model(start)
-            result = make_pass(step, _bar(step, ratios, start_ratio)).run(candidate, ctx)
+            result = make_pass(step, _options(step, ratios, start_ratio, self.keep_float)).run(candidate, ctx)
             if not result.changed:
                 refused.append(f"{name}: changed nothing" + (f" ({'; '.join(result.refused[:3])})" if result.refused else ""))
                 continue
@@ -93,13 +100,16 @@ class QuantizeInt8(Pass):
         return result
 
 
-def _bar(name: str, ratios: dict[str, float], start_ratio: float = 1.0) -> dict[str, str] | None:
-    """The `max_latency_ratio` option for pass `name`, when it takes one: the best ratio to the input so
-    far, divided by the ratio of the model the pass starts from, and never above 1 (a candidate slower
-    than its start is no bar)."""
+def _options(name: str, ratios: dict[str, float], start_ratio: float, keep_float: str) -> dict[str, str]:
+    """The options pass `name` gets, where it takes them: `keep_float`, and as `max_latency_ratio` the
+    best ratio to the input so far divided by the ratio of the model the pass starts from, never above 1
+    (a candidate slower than its start is no bar)."""
     cls = registry().get(name)
-    takes_it = dataclasses.is_dataclass(cls) and any(f.name == "max_latency_ratio" for f in dataclasses.fields(cls))
-    return {"max_latency_ratio": repr(min(1.0, min(ratios.values()) / start_ratio))} if ratios and takes_it else None
+    takes = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    options = {"keep_float": keep_float} if keep_float and "keep_float" in takes else {}
+    if ratios and "max_latency_ratio" in takes:
+        options["max_latency_ratio"] = repr(min(1.0, min(ratios.values()) / start_ratio))
+    return options
 
 
 def _beyond(result: PassResult, name: str) -> set[str]:

@@ -69,6 +69,7 @@ with outputs run as the budget is judged (passes_base.BUDGET_SETTINGS: onnxrunti
   `bias_correction`: each quantized Conv/Gemm bias is shifted by the mean per-channel output change that
     weight quantization causes, measured on the calibration feeds (a bias is added where there is none).
 
+Kept float on request: nodes whose name `keep_float` (a regular expression) matches (reason "requested").
 Refused (kept float, listed in details["kept_float"] with the reason "unsupported"):
   A Concat with an input spanning less than 1/16 of the output's range stays float (reason "sensitive";
   QLinearConcat would leave that input fewer than 16 levels).
@@ -201,6 +202,10 @@ class QuantizeStatic(Pass):
     ops: str = ""
     weight_bits: int = 0  # 8, 7, or 0: whichever onnxruntime's fused kernels run more accurately here
     max_latency_ratio: float = 1.0  # to its input, that the model must beat (quantize-int8: another candidate's)
+    keep_float: str = ""  # a regular expression of node names to leave float (reason "requested")
+
+    def __post_init__(self) -> None:
+        self.kept_by_user = qdq.KeepFloat(self.keep_float)  # a bad expression is the user's error, now
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self._check_options()
@@ -210,7 +215,8 @@ class QuantizeStatic(Pass):
         work = copy_model(model)
         if upgraded := qdq.ensure_opset(work, qdq.PER_AXIS_OPSET):
             notes.append(f"{upgraded} for per-axis DequantizeLinear")
-        plan = make_plan(work, self._allowed_ops())
+        plan = make_plan(work, self._allowed_ops(), self.kept_by_user)
+        notes += self.kept_by_user.unmatched_note(sum(k["reason"] == "requested" for k in plan.kept_float))
         subgraph_nodes = sum(len(g.node) for g in iter_graphs(work.graph)) - len(work.graph.node)
         details: dict = {"subgraphs": f"{subgraph_nodes} nodes inside If/Loop/Scan bodies left float"} if subgraph_nodes else {}
         details["kept_float"] = plan.kept_float
@@ -478,8 +484,8 @@ def is_constant(graph: onnx.GraphProto, name: str, made_by: dict[str, onnx.NodeP
     return name in {t.name for t in graph.initializer} - {i.name for i in graph.input} or (node is not None and node.op_type == "Constant")
 
 
-def make_plan(model: onnx.ModelProto, allowed: Iterable[str]) -> Plan:
-    """Find the quantizable nodes of the main graph (opset already >= 13)."""
+def make_plan(model: onnx.ModelProto, allowed: Iterable[str], keep: qdq.KeepFloat = qdq.KeepFloat()) -> Plan:
+    """Find the quantizable nodes of the main graph (opset already >= 13), except those `keep` names."""
     graph = model.graph
     made_by, readers, outs = producers(graph), consumers(graph), output_names(graph)
     plan = Plan(model, [], [], {}, {})
@@ -488,6 +494,9 @@ def make_plan(model: onnx.ModelProto, allowed: Iterable[str]) -> Plan:
         if node.op_type not in allowed or node.domain not in ("", "ai.onnx"):
             if node.op_type == "ConvTranspose":
                 plan.kept_float.append(kept(node, "unsupported", "onnxruntime 1.32 has no QDQ ConvTranspose kernel on CPU"))
+            continue
+        if keep(node):
+            plan.kept_float.append(kept(node, "requested", keep.reason()))
             continue
         unit_or_reason = _unit(graph, k, node, made_by, plan.constants)
         if isinstance(unit_or_reason, str):

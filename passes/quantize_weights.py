@@ -29,6 +29,8 @@ from the calibration feeds; a table by its relative weight error) and the worst 
 is 4), then to float, in doubling steps until the budget holds (details int8_fallback / kept_float).
 
 Refused (in `refused`, weight left float):
+  a node whose name matches `keep_float` (a regular expression): it reads its weight float (a weight it
+    shares with other nodes is quantized for them, and the float copy stays in the file)
   a weight computed from constants at run time (run fold-constants first) or overridable by a graph input
   weights that are not float32, not 2-D (a Conv kernel: rank >= 3), or smaller than min_weight_elements
   Gather on an axis other than 0
@@ -54,6 +56,7 @@ from graphopt.passes.gptq import Hessian, gptq
 from graphopt.passes.qdq import (
     BLOCKED_OPSET,
     PER_AXIS_OPSET,
+    KeepFloat,
     QdqBuilder,
     QuantizedWeight,
     ensure_domain,
@@ -125,16 +128,21 @@ class QuantizeWeights(Pass):
     format: str = "auto"
     embeddings: bool = True
     min_weight_elements: int = 1024
+    keep_float: str = ""  # a regular expression of node names whose weights stay float
+
+    def __post_init__(self) -> None:
+        self.kept_by_user = KeepFloat(self.keep_float)  # a bad expression is the user's error, now
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self._check_options()
-        weights, refused = _find_weights(model.graph, self.embeddings, self.min_weight_elements)
+        weights, refused = _find_weights(model.graph, self.embeddings, self.min_weight_elements, self.kept_by_user)
+        requested = self.kept_by_user.unmatched_note(sum(self.kept_by_user.reason() in r for r in refused))
         if not weights:
-            return PassResult(False, refused=refused)
+            return PassResult(False, refused=refused, notes=requested)
         hessians = _hessians(model, weights, ctx) if self.method == "gptq" else None
         levels = {name: self.bits for name in weights}
         quantized = {name: self._quantize(w, self.bits, hessians) for name, w in weights.items()}
-        notes: list[str] = []
+        notes: list[str] = requested
         fmt = self._choose_format(model, weights, quantized, levels, ctx, notes)
         base, opset_note = _prepared(model, weights, quantized, levels, fmt)
         reference = ctx.outputs(model)
@@ -230,14 +238,18 @@ def _transposed(q: QuantizedWeight) -> QuantizedWeight:
 # ---- finding weights -------------------------------------------------------------------------------
 
 
-def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int) -> tuple[dict[str, _Weight], list[str]]:
-    """The quantizable weights of the main graph with their readers, and the refused ones with reasons."""
+def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, keep: KeepFloat) -> tuple[dict[str, _Weight], list[str]]:
+    """The quantizable weights of the main graph with their readers, and the refused ones with reasons.
+    A node `keep` names is refused and reads its weight float; other readers of that weight do not."""
     consts, made_by = constant_names(graph), producers(graph)
     found: dict[str, _Weight] = {}
     refused: list[str] = []
     conflicts: set[str] = set()
     for node in graph.node:
         if node.domain not in STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Gather", "Conv") or (node.op_type == "Gather" and not embeddings):
+            continue
+        if keep(node):
+            refused.append(f"{_label(node)}: {keep.reason()}")
             continue
         slot = 0 if node.op_type == "Gather" else 1
         name, transpose = node.input[slot], None

@@ -221,6 +221,30 @@ def test_int4_preset_end_to_end(mlp_job, capsys):
     assert "quantize-weights: quantized MatMul 2" in capsys.readouterr().out
 
 
+def test_keep_float_reaches_the_preset_passes(mlp_job):
+    """--keep-float '^y$' names the second MatMul (unnamed: by its output): the int4 preset leaves it float."""
+    args, _, out, report = mlp_job
+    assert cli.main(args + ["--preset", "int4", "--min-fidelity", "cosine=0.98", "--keep-float", "^y$"]) == 0
+    record = {r["name"]: r for r in json.loads(report.read_text())["records"]}["quantize-weights"]
+    assert record["status"] == "applied" and record["details"]["quantized"] == {"MatMul": 1}
+    assert any("keep_float '^y$' matches it" in r for r in record["refused"])
+    assert [n.input[1] for n in model_io.load(out).graph.node if n.op_type == "MatMul"][1] == "w2"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--preset", "int8", "--keep-float", "[y"], "keep_float '[y' is not a regular expression"),
+        (["--keep-float", "^y$"], "none of the passes"),
+    ],
+)
+def test_bad_keep_float_exits_2(mlp_job, capsys, flags, message):
+    args, _, out, _ = mlp_job
+    assert cli.main(args + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_quantization_over_budget_keeps_the_float_model_and_says_why(mlp_job):
     args, _, out, report = mlp_job
     assert cli.main(args + ["--passes", "quantize-weights:bits=4", "--min-fidelity", "cosine=0.9999999"]) == 0

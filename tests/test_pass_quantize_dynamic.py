@@ -195,6 +195,18 @@ def test_shared_weight_and_shared_activation_quantized_once():
     assert_close(model, after, feeds)
 
 
+def test_keep_float_leaves_the_named_node_float():
+    """keep_float=xv: of x -> MatMul(W) -> a and x -> MatMul(V) -> b, only xw is quantized."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="xw"), helper.make_node("MatMul", ["x", "v"], ["b"], name="xv")]
+    model = make_model(nodes, [vi("x", [8, 64])], [vi(n, [8, 64]) for n in "ab"], [weight("w", [64, 64]), weight("v", [64, 64])])
+    feeds = seeded_feeds(model)
+    after, result = quantize(model, feeds, keep_float="xv")
+    assert result.details["quantized"] == {"MatMul": 1}
+    assert kept(result) == {"xv": ("requested", "keep_float 'xv' matches it")}
+    assert [n.input[1] for n in after.graph.node if n.op_type == "MatMul"] == ["v"]  # xv reads its float weight
+    assert_close(model, after, feeds)
+
+
 def test_onnxruntime_fuses_into_integer_kernels(tmp_path):
     """x -> MatMul(W) -> a; x -> MatMul(V) -> b; a -> MatMul(U) -> c: onnxruntime turns the shared
     activation into MatMulIntegerToFloat nodes and the single-reader one into DynamicQuantizeMatMul."""

@@ -8,8 +8,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.activations import ActivationCache
+from graphopt.errors import UserError
 from graphopt.passes.quantize_int8 import QuantizeInt8
-from graphopt.passes_base import Pass, PassContext, PassResult, register
+from graphopt.passes_base import Pass, PassContext, PassResult, make_pass, register
 
 from tests.helpers import make_model, op_types, seeded_feeds, stub_latency
 
@@ -91,6 +92,22 @@ class RecordBar(Pass):
 
     def run(self, model, ctx):
         RecordBar.seen.append(self.max_latency_ratio)
+        return PassResult(False, refused=["recorded"])
+
+
+@register
+@dataclass
+class RecordKeepFloat(Pass):
+    """Stub candidate with a `keep_float` option: records what it was given, changes nothing."""
+
+    name = "test-record-keep-float"
+    description = "test"
+    lossless = False
+    keep_float: str = ""
+    seen = []  # class-level: the test reads it back
+
+    def run(self, model, ctx):
+        RecordKeepFloat.seen.append(self.keep_float)
         return PassResult(False, refused=["recorded"])
 
 
@@ -202,3 +219,17 @@ def test_chained_candidate_is_skipped_when_the_second_pass_could_do_it_all(monke
     result = QuantizeInt8(candidates=f"test-append-identity,{chain}").run(relu_model(), context(timer))
     assert result.refused == [f"{chain}: not tried, test-append-identity quantized nothing test-stack-identity-relu cannot (it would be test-stack-identity-relu alone)"]
     assert result.details["chosen"] == "test-append-identity"
+
+
+def test_keep_float_is_handed_to_the_candidates_that_take_it(monkeypatch):
+    """test-record-keep-float gets the expression; test-record-bar, which has no such option, runs without it."""
+    timer = stub_latency(monkeypatch, 1.0, lambda label: False)
+    RecordKeepFloat.seen.clear()
+    RecordBar.seen.clear()
+    QuantizeInt8(candidates="test-record-keep-float,test-record-bar", keep_float="^/model\\.0/").run(relu_model(), context(timer))
+    assert RecordKeepFloat.seen == ["^/model\\.0/"] and RecordBar.seen == [1.0]
+
+
+def test_bad_keep_float_is_a_user_error_before_any_candidate_runs():
+    with pytest.raises(UserError, match="not a regular expression"):
+        make_pass("quantize-int8", {"keep_float": "("})

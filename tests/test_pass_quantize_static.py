@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 from graphopt import calibrate, profiling, runtime
 from graphopt.bench import Timing
-from graphopt.errors import PassError
+from graphopt.errors import PassError, UserError
 from graphopt.activations import ActivationCache
 from graphopt.graph import copy_model, producers
 from graphopt.passes import qdq, quantize_static
@@ -231,6 +231,30 @@ def test_a_float_conv_between_quantized_tensors_stays_float_in_onnxruntime():
     check_close(before, after)
     conv2.input[0] = shared.output[0]  # what the pass did before: onnxruntime quantizes conv2 itself
     assert fused(after)[0].count("QLinearConv") == 2
+
+
+def test_keep_float_leaves_the_named_node_float_in_onnxruntime_too():
+    """keep_float=conv2: conv2 is listed as requested and, between the quantized r and the quantized Add,
+    onnxruntime still runs it as a float Conv (it reads its own per-axis DequantizeLinear)."""
+    before = residual_model()
+    after, result = quantize(before, keep_float="^conv2$")
+    assert result.details["quantized"] == {"Conv": 1, "Add": 1}
+    assert [(k["node"], k["reason"]) for k in result.details["kept_float"]] == [("conv2", "requested")]
+    assert result.counts["kept_float_requested"] == 1 and "keep_float" in result.details["kept_float"][0]["detail"]
+    ops, chains = fused(after)
+    assert ops.count("QLinearConv") == 1 and ops.count("Conv") == 1 and chains == []
+    check_close(before, after)
+
+
+def test_keep_float_matching_no_node_says_so():
+    after, result = quantize(residual_model(), keep_float="^nothing_by_that_name$")
+    assert result.details["quantized"] == {"Conv": 2, "Add": 1}
+    assert "keep_float '^nothing_by_that_name$' matched no node this pass quantizes" in result.notes
+
+
+def test_bad_keep_float_is_a_user_error_at_once():
+    with pytest.raises(UserError, match=r"keep_float '\[conv' is not a regular expression"):
+        make_pass("quantize-static", {"keep_float": "[conv"})
 
 
 def _reader(op_type, w_shape, inputs=("x", "w"), **attrs):

@@ -228,6 +228,23 @@ def test_shared_weight_is_quantized_once(fmt):
     assert_close(with_weights(model, {"W": quantize_blockwise(w, 0, 32, 4).dequantized()}), after, float_feeds(model))
 
 
+def test_keep_float_leaves_the_named_reader_float_and_quantizes_the_others():
+    """x -> MatMul(W) -> a;  z -> MatMul(W) -> b with keep_float=mm2: mm1 reads the int4 W, mm2 the
+    float W (both are stored), and the refusal says why."""
+    w = RNG.standard_normal((64, 48)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"), helper.make_node("MatMul", ["z", "W"], ["b"], name="mm2")]
+    model = make_model(nodes, [vi("x", [3, 64]), vi("z", [2, 64])], [vi("a", [3, 48]), vi("b", [2, 48])], [init("W", w)])
+    after, result = quantize(model, format="dequantize", keep_float="^mm2$")
+    assert result.details["quantized"] == {"MatMul": 1}
+    assert any("mm2" in r and "keep_float '^mm2$' matches it" in r for r in result.refused)
+    readers = {n.name: n.input[1] for n in after.graph.node if n.op_type == "MatMul"}
+    assert readers["mm2"] == "W" and readers["mm1"] != "W"
+    expected = copy_model(model)
+    expected.graph.initializer.append(init("W_int4", quantize_blockwise(w, 0, 32, 4).dequantized()))
+    expected.graph.node[0].input[1] = "W_int4"
+    assert_close(expected, after, float_feeds(model))
+
+
 @pytest.mark.parametrize("fmt", ["dequantize", "matmulnbits"])
 def test_tied_embedding_is_stored_once(fmt):
     """ids -> Gather(T) -> h -> MatMul(Transpose(T)) -> logits   (the LM head reads the table transposed)"""

@@ -400,6 +400,15 @@ def test_pass_options_from_specs():
         parse_pass_spec("nope")
 
 
+def test_keep_float_fills_only_the_passes_that_take_it_and_were_given_none():
+    from graphopt.api import parse_pass_spec, with_keep_float
+
+    passes = [parse_pass_spec(s) for s in ("fold-constants", "quantize-static:keep_float=^own$", "quantize-dynamic")]
+    kept = with_keep_float(passes, "^stem/")
+    assert [getattr(p, "keep_float", None) for p in kept] == [None, "^own$", "^stem/"]
+    assert kept[0] is passes[0] and with_keep_float(passes, "") is passes
+
+
 def test_metric_is_reported_before_and_after():
     """x -> MatMul(W) -> y, labels = argmax of the original: accuracy 1.0 before and after."""
     rng = np.random.default_rng(0)

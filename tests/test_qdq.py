@@ -1,13 +1,14 @@
-"""passes/qdq.py: int4 packing, blockwise and per-channel weight quantization, activation parameters."""
+"""passes/qdq.py: int4 packing, blockwise and per-channel weight quantization, activation parameters, keep_float."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from graphopt.passes.qdq import activation_params, int_tensor, pack_int4, quantize_blockwise, quantize_per_channel, unpack_int4
+from graphopt.errors import UserError
+from graphopt.passes.qdq import KeepFloat, activation_params, int_tensor, pack_int4, quantize_blockwise, quantize_per_channel, unpack_int4
 
 RNG = np.random.default_rng(0)
 
@@ -86,3 +87,21 @@ def test_activation_params_make_zero_exact_and_cover_the_range(dtype, lo, hi):
         q = round(end / float(scale)) + int(zero)
         assert info.min <= q <= info.max
         assert abs((q - int(zero)) * float(scale) - end) <= float(scale) / 2 + 1e-6
+
+
+def test_keep_float_searches_the_name_or_else_the_first_output():
+    keep = KeepFloat(r"^/model\.0/")
+    assert keep(helper.make_node("Conv", ["x", "w"], ["c"], name="/model.0/conv/Conv"))
+    assert not keep(helper.make_node("Conv", ["x", "w"], ["c"], name="/model.10/conv/Conv"))
+    assert keep(helper.make_node("Conv", ["x", "w"], ["/model.0/out"]))  # unnamed: its output
+    assert not KeepFloat("")(helper.make_node("Conv", ["x", "w"], ["c"], name="anything"))
+
+
+def test_keep_float_refuses_a_bad_expression_naming_it():
+    with pytest.raises(UserError, match=r"keep_float '\(conv' is not a regular expression"):
+        KeepFloat("(conv")
+
+
+def test_keep_float_notes_only_an_expression_that_kept_nothing():
+    assert KeepFloat("x").unmatched_note(0) == ["keep_float 'x' matched no node this pass quantizes"]
+    assert KeepFloat("x").unmatched_note(2) == [] and KeepFloat("").unmatched_note(0) == []
