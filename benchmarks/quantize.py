@@ -14,6 +14,7 @@ try/except so a failure is recorded and the others go on:
     ort int4        MiniLM only: MatMulNBitsQuantizer (weight-only int4, block 32, symmetric)
     graphopt int8   graphopt.optimize(model, preset="int8", data=<calibration feeds>)
     graphopt int4   MiniLM only: preset="int4"
+    graphopt ... keep-float   with --keep-float REGEX: each graphopt row again with optimize(keep_float=REGEX)
 
 Until the presets exist, the lossless preset followed by whichever of quantize-static, quantize-dynamic
 and quantize-weights is registered runs instead, one row each; with none registered the graphopt rows are
@@ -27,6 +28,7 @@ quantize (wall and process CPU). A model onnxruntime cannot load or run is recor
     python benchmarks/quantize.py                              # all models, full counts
     python benchmarks/quantize.py --quick                      # smoke run: fewer samples, smaller grid
     python benchmarks/quantize.py --models minilm --rounds 100 --json benchmarks/results/quantize.json
+    python benchmarks/quantize.py --models yolov8n --keep-float '^/model\.0/'   # also with the stem float
 """
 
 from __future__ import annotations
@@ -519,6 +521,8 @@ def run_workload(work: Workload, args: argparse.Namespace) -> dict:
         if note:
             print(f"  {note}", flush=True)
             notes.append(note)
+        if args.keep_float:
+            plans += [(f"{label} keep-float", {**kwargs, "keep_float": args.keep_float}) for label, kwargs in plans]
         for label, kwargs in plans:
             v = Variant(label, "graphopt", {"preset": preset, **kwargs})
             add(v, lambda v=v, kwargs=kwargs: graphopt_quantize(v, original, calibration, args.threads, kwargs, work))
@@ -606,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=50, help="interleaved timing rounds (default 50)")
     parser.add_argument("--timing-feeds", type=int, default=8, help="scored feeds cycled through by the timing (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for scoring and timing (default 2)")
+    parser.add_argument("--keep-float", metavar="REGEX", default="", help="also run each graphopt preset with these nodes left float (optimize's keep_float), as a row of its own")
     parser.add_argument("--json", metavar="OUT", default=str(DEFAULT_JSON), help=f"write the results as JSON (default {DEFAULT_JSON})")
     args = parser.parse_args(argv)
     if Path(args.json).resolve().parent == DEFAULT_JSON.parent:
