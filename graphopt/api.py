@@ -21,7 +21,7 @@ from graphopt import model as model_io
 from graphopt import runtime
 from graphopt.activations import ActivationCache
 from graphopt.errors import UserError
-from graphopt.passes_base import Pass, PassContext, make_pass, presets
+from graphopt.passes_base import Pass, PassContext, make_pass, presets, takes_option
 from graphopt.pipeline import Pipeline
 from graphopt.report import Report
 from graphopt.runtime import RuntimeSettings
@@ -63,14 +63,11 @@ def resolve_passes(passes: list[str | Pass] | str | None, preset: str | None) ->
 
 def with_keep_float(passes: list[Pass], pattern: str) -> list[Pass]:
     """`passes` with `pattern` as the `keep_float` option of those that take one and were given none."""
-    def takes(p: Pass) -> bool:
-        return dataclasses.is_dataclass(p) and any(f.name == "keep_float" for f in dataclasses.fields(p))
-
     if not pattern:
         return passes
-    if not any(takes(p) for p in passes):
+    if not any(takes_option(p, "keep_float") for p in passes):
         raise UserError(f"--keep-float {pattern!r}: none of the passes ({', '.join(p.name for p in passes)}) quantizes anything; use it with --preset int8 or int4 or a quantize pass")
-    return [dataclasses.replace(p, keep_float=pattern) if takes(p) and not p.keep_float else p for p in passes]
+    return [dataclasses.replace(p, keep_float=pattern) if takes_option(p, "keep_float") and not p.keep_float else p for p in passes]
 
 
 def accuracy(outputs: list[dict[str, np.ndarray]], labels: list[np.ndarray]) -> float:

@@ -167,6 +167,11 @@ def presets() -> dict[str, list[str]]:
     return dict(importlib.import_module("graphopt.passes").PRESETS)
 
 
+def takes_option(pass_or_class, option: str) -> bool:
+    """Whether a pass (instance or class) has the option `option` (a dataclass field)."""
+    return dataclasses.is_dataclass(pass_or_class) and any(f.name == option for f in dataclasses.fields(pass_or_class))
+
+
 def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
     """Instantiate a registered pass, converting option strings to the field types."""
     passes = registry()
@@ -198,4 +203,4 @@ def _convert(text: str, f: dataclasses.Field, pass_name: str) -> Any:
     return text
 
 
-__all__ = ["Pass", "PassContext", "PassError", "PassResult", "make_pass", "presets", "register", "registry"]
+__all__ = ["Pass", "PassContext", "PassError", "PassResult", "make_pass", "presets", "register", "registry", "takes_option"]

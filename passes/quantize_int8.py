@@ -27,7 +27,6 @@ Subgraphs: whatever the chosen pass does with them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import onnx
@@ -35,7 +34,7 @@ import onnx
 from graphopt import profiling
 from graphopt.graph import copy_model, iter_graphs
 from graphopt.passes import qdq
-from graphopt.passes_base import Pass, PassContext, PassResult, make_pass, register, registry
+from graphopt.passes_base import Pass, PassContext, PassResult, make_pass, register, registry, takes_option
 
 QUANTIZING_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
@@ -105,9 +104,8 @@ def _options(name: str, ratios: dict[str, float], start_ratio: float, keep_float
     best ratio to the input so far divided by the ratio of the model the pass starts from, never above 1
     (a candidate slower than its start is no bar)."""
     cls = registry().get(name)
-    takes = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    options = {"keep_float": keep_float} if keep_float and "keep_float" in takes else {}
-    if ratios and "max_latency_ratio" in takes:
+    options = {"keep_float": keep_float} if keep_float and takes_option(cls, "keep_float") else {}
+    if ratios and takes_option(cls, "max_latency_ratio"):
         options["max_latency_ratio"] = repr(min(1.0, min(ratios.values()) / start_ratio))
     return options
 
