@@ -708,7 +708,7 @@ def float_weighted_input(node: onnx.NodeProto, tensor: str, graph: onnx.GraphPro
     from a per-tensor DequantizeLinear and its output goes to a QuantizeLinear: it becomes a QLinearConv
     with per-tensor weights, and a node the guards returned to float for accuracy or speed would not be
     float. A per-axis DequantizeLinear of the same values does not match that pattern."""
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != tensor or len(node.input) < 2:
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[0] != tensor:
         return None
     w = qdq.weight(graph, node.input[1], made_by)
     if w is None:

@@ -135,8 +135,8 @@ class QuantizeWeights(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self._check_options()
-        weights, refused = _find_weights(model.graph, self.embeddings, self.min_weight_elements, self.kept_by_user)
-        requested = self.kept_by_user.unmatched_note(sum(self.kept_by_user.reason() in r for r in refused))
+        weights, refused, matched = _find_weights(model.graph, self.embeddings, self.min_weight_elements, self.kept_by_user)
+        requested = self.kept_by_user.unmatched_note(matched)
         if not weights:
             return PassResult(False, refused=refused, notes=requested)
         hessians = _hessians(model, weights, ctx) if self.method == "gptq" else None
@@ -238,18 +238,21 @@ def _transposed(q: QuantizedWeight) -> QuantizedWeight:
 # ---- finding weights -------------------------------------------------------------------------------
 
 
-def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, keep: KeepFloat) -> tuple[dict[str, _Weight], list[str]]:
-    """The quantizable weights of the main graph with their readers, and the refused ones with reasons.
-    A node `keep` names is refused and reads its weight float; other readers of that weight do not."""
+def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, keep: KeepFloat) -> tuple[dict[str, _Weight], list[str], int]:
+    """The quantizable weights of the main graph with their readers, the refused ones with reasons, and
+    how many nodes `keep` named: those are refused and read their weight float (other readers of that
+    weight do not)."""
     consts, made_by = constant_names(graph), producers(graph)
     found: dict[str, _Weight] = {}
     refused: list[str] = []
     conflicts: set[str] = set()
+    requested = 0
     for node in graph.node:
         if node.domain not in STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Gather", "Conv") or (node.op_type == "Gather" and not embeddings):
             continue
         if keep(node):
             refused.append(f"{_label(node)}: {keep.reason()}")
+            requested += 1
             continue
         slot = 0 if node.op_type == "Gather" else 1
         name, transpose = node.input[slot], None
@@ -274,7 +277,7 @@ def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, k
         entry.uses.append(_Use(node, transpose))
     for name in sorted(conflicts):
         refused.append(f"weight {name!r}: its readers need it quantized along different axes ({', '.join(_label(u.node) for u in found.pop(name).uses)})")
-    return found, refused
+    return found, refused, requested
 
 
 def _transposed_constant(node: onnx.NodeProto | None, consts: set[str]) -> onnx.NodeProto | None:
