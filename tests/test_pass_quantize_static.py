@@ -793,6 +793,41 @@ def test_faster_fully_quantized_goes_on_to_the_accuracy_guard(monkeypatch):
     assert [(k["node"], k["reason"]) for k in result.details["kept_float"]] == [("mm", "sensitive")]
 
 
+def test_what_the_latency_trim_returns_is_judged_by_the_budget_again(monkeypatch):
+    """Error is not monotone in the nodes quantized. Four Convs read x; the stubbed budget fails with 4 or 2
+    of them quantized and holds with 3 or 1. The guard returns one Conv (4 -> 3), the latency trim
+    another (-> 2, over budget again), so the guard runs again and returns a third: one Conv is left
+    quantized and the result is within budget (without the second round it would keep 2, over budget)."""
+    nodes = [helper.make_node("Conv", ["x", f"w{i}"], [f"y{i}"], name=f"conv{i}") for i in range(4)]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi(f"y{i}", [1, 4, 6, 6]) for i in range(4)], [tensor(f"w{i}", [4, 4, 1, 1]) for i in range(4)])
+    trims: list[int] = []
+
+    def slower_on_the_second_trim(judged, *args):
+        trims.append(len(judged))
+        return {judged[0].name: (2.0, 1.0)} if len(trims) == 2 else {}
+
+    def quantized_convs(model):
+        made_by = producers(model.graph)
+        return sum(n.op_type == "Conv" and made_by.get(n.input[1]) is not None and made_by[n.input[1]].op_type == "DequantizeLinear" for n in model.graph.node)
+
+    def even_count_fails(reference, model):
+        count = quantized_convs(model)
+        return f"{count} Convs quantized" if count in (2, 4) else None
+
+    monkeypatch.setattr(quantize_static, "slower_units", slower_on_the_second_trim)
+    feeds = seeded_feeds(before, 4, 0)
+    ctx = PassContext(calibration=feeds, validation=feeds, activations=ActivationCache(feeds), budget=COSINE_ONLY)
+    ctx.latency = stubbed_latency(0.5, [])
+    ctx.budget_problem = even_count_fails
+    after = copy_model(before)
+    result = QuantizeStatic(activations="uint8", latency_fallback=True).run(after, ctx)
+    assert trims == [4, 3, 1]  # before the guard, after its first round, after its second
+    assert result.changed and result.details["quantized"] == {"Conv": 1} and quantized_convs(after) == 1
+    reasons = [k["reason"] for k in result.details["kept_float"]]
+    assert sorted(reasons) == ["sensitive", "sensitive", "slower"] and reasons[1] == "slower"
+    check_close(before, after)
+
+
 def test_add_of_a_mask_fill_constant_stays_float():
     """x -> Conv -> Add(-inf/huge mask constant) -> y: the Add stays float (8 bits cannot hold -inf), the Conv is quantized."""
     mask = np.zeros((1, 4, 6, 6), np.float32)
