@@ -82,6 +82,16 @@ def accuracy(outputs: list[dict[str, np.ndarray]], labels: list[np.ndarray]) -> 
     return hits / total if total else float("nan")
 
 
+def _unread_feeds_notes(data: data_mod.FeedSet, val: data_mod.FeedSet | None, max_feeds: int) -> list[str]:
+    """What the report says when `max_feeds` left feeds of --data or --val unread, so that a user who gave
+    more calibration data than was used knows it, and how to use it."""
+    return [
+        f"only the first {max_feeds} of the {len(given.feeds)} feeds of {role} ({given.source}) were used; raise max_feeds (--max-feeds) to use them all"
+        for role, given in (("data", data), ("val", val))
+        if given is not None and len(given.feeds) > max_feeds
+    ]
+
+
 def optimize(
     model: onnx.ModelProto | str | os.PathLike,
     passes: list[str | Pass] | str | None = None,
@@ -124,8 +134,8 @@ def optimize(
     if not used.feeds:
         raise UserError("no feeds to validate on; give --data with at least one sample")
     lossy = any(not p.lossless for p in pass_list)
-    if val is not None:
-        held_out = data_mod.feed_set(val, model, shapes=shapes, batch=batch)
+    held_out = data_mod.feed_set(val, model, shapes=shapes, batch=batch) if val is not None else None
+    if held_out is not None:
         calibration = used
         validation = data_mod.FeedSet(held_out.feeds[:max_feeds], held_out.labels[:max_feeds] if held_out.labels else None, held_out.source)
     elif lossy and len(used.feeds) >= 2:
@@ -149,6 +159,7 @@ def optimize(
     optimized, report = pipeline.run(model, ctx, label)
     if lossy and data is None:
         report.notes.append("lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result")
+    report.notes.extend(_unread_feeds_notes(feeds, held_out, max_feeds))
     if metric is not None and validation.labels is not None:
         before = metric(runtime.run_all(model, validation.feeds, settings), validation.labels)
         after = metric(runtime.run_all(optimized, validation.feeds, settings), validation.labels)

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="comma-separated pass names, each optionally NAME:KEY=VALUE:...; overrides --preset")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--markdown", help="write the pass table as markdown here")
-    p.add_argument("--max-feeds", type=int, default=16, help="validate on at most this many feeds (default 16)")
+    p.add_argument("--max-feeds", type=int, default=16, help="use at most this many feeds of --data, and of --val (default 16); with lossy passes and no --val, the first half calibrates and the second validates")
     p.add_argument("--no-fixed-point", action="store_true", help="run the pass list once instead of until nothing changes")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto", help="auto: external data past 2 GB or when the input used it")
     p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")

@@ -544,6 +544,23 @@ def test_held_out_validation_feeds_are_used_when_given():
     assert result.report.feeds.startswith("5 validation feeds")
 
 
+def test_the_report_says_when_max_feeds_left_given_feeds_unused():
+    model = relu_neg_model()
+    swap = SwapOp(op="Abs")
+    swap.lossless = False
+    data, held_out = seeded_feeds(model, n=6, seed=1), seeded_feeds(model, n=5, seed=2)
+    capped = graphopt.optimize(model, passes=[swap], data=data, val=held_out, max_feeds=4, strict=True)
+    unused = [n for n in capped.report.notes if n.startswith("only the first")]
+    assert unused == [
+        "only the first 4 of the 6 feeds of data (given) were used; raise max_feeds (--max-feeds) to use them all",
+        "only the first 4 of the 5 feeds of val (given) were used; raise max_feeds (--max-feeds) to use them all",
+    ]
+    assert capped.report.feeds.startswith("4 validation feeds")
+    everything = graphopt.optimize(model, passes=[swap], data=data, val=held_out, max_feeds=6, strict=True)
+    assert not [n for n in everything.report.notes if n.startswith("only the first")]
+    assert everything.report.feeds.startswith("5 validation feeds")
+
+
 def test_lossy_passes_run_in_the_first_round_only():
     lossy = FasterClaim()
     lossy.claims = ""
