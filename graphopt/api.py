@@ -82,8 +82,8 @@ def accuracy(outputs: list[dict[str, np.ndarray]], labels: list[np.ndarray]) -> 
     return hits / total if total else float("nan")
 
 
-def _unread_feeds_notes(data: data_mod.FeedSet, val: data_mod.FeedSet | None, max_feeds: int) -> list[str]:
-    """What the report says when `max_feeds` left feeds of --data or --val unread, so that a user who gave
+def _unused_feeds_notes(data: data_mod.FeedSet, val: data_mod.FeedSet | None, max_feeds: int) -> list[str]:
+    """What the report says when `max_feeds` left feeds of --data or --val unused, so that a user who gave
     more calibration data than was used knows it, and how to use it."""
     return [
         f"only the first {max_feeds} of the {len(given.feeds)} feeds of {role} ({given.source}) were used; raise max_feeds (--max-feeds) to use them all"
@@ -159,7 +159,7 @@ def optimize(
     optimized, report = pipeline.run(model, ctx, label)
     if lossy and data is None:
         report.notes.append("lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result")
-    report.notes.extend(_unread_feeds_notes(feeds, held_out, max_feeds))
+    report.notes.extend(_unused_feeds_notes(feeds, held_out, max_feeds))
     if metric is not None and validation.labels is not None:
         before = metric(runtime.run_all(model, validation.feeds, settings), validation.labels)
         after = metric(runtime.run_all(optimized, validation.feeds, settings), validation.labels)
