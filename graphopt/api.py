@@ -82,14 +82,13 @@ def accuracy(outputs: list[dict[str, np.ndarray]], labels: list[np.ndarray]) -> 
     return hits / total if total else float("nan")
 
 
-def _unused_feeds_notes(data: data_mod.FeedSet, val: data_mod.FeedSet | None, max_feeds: int) -> list[str]:
-    """What the report says when `max_feeds` left feeds of --data or --val unused, so that a user who gave
-    more calibration data than was used knows it, and how to use it."""
-    return [
-        f"only the first {max_feeds} of the {len(given.feeds)} feeds of {role} ({given.source}) were used; raise max_feeds (--max-feeds) to use them all"
-        for role, given in (("data", data), ("val", val))
-        if given is not None and len(given.feeds) > max_feeds
-    ]
+def _capped(given: data_mod.FeedSet, role: str, max_feeds: int) -> tuple[data_mod.FeedSet, list[str]]:
+    """The first `max_feeds` feeds of `given` (labels alike), and the report's note when that left some
+    unused, so that a user who gave more data than was used knows it, and how to use it."""
+    if len(given.feeds) <= max_feeds:
+        return given, []
+    note = f"only the first {max_feeds} of the {len(given.feeds)} feeds of {role} ({given.source}) were used; raise max_feeds (--max-feeds) to use them all"
+    return given.split(max_feeds)[0], [note]
 
 
 def optimize(
@@ -130,14 +129,14 @@ def optimize(
         model = model_io.load(model)
     pass_list = with_keep_float(resolve_passes(passes, preset), keep_float)
     feeds = data_mod.feed_set(data, model, count=4, seed=seed, shapes=shapes, batch=batch)
-    used = data_mod.FeedSet(feeds.feeds[:max_feeds], feeds.labels[:max_feeds] if feeds.labels else None, feeds.source)
+    used, notes = _capped(feeds, "data", max_feeds)
     if not used.feeds:
         raise UserError("no feeds to validate on; give --data with at least one sample")
     lossy = any(not p.lossless for p in pass_list)
-    held_out = data_mod.feed_set(val, model, shapes=shapes, batch=batch) if val is not None else None
-    if held_out is not None:
+    if val is not None:
         calibration = used
-        validation = data_mod.FeedSet(held_out.feeds[:max_feeds], held_out.labels[:max_feeds] if held_out.labels else None, held_out.source)
+        validation, val_notes = _capped(data_mod.feed_set(val, model, shapes=shapes, batch=batch), "val", max_feeds)
+        notes += val_notes
     elif lossy and len(used.feeds) >= 2:
         calibration, validation = used.split(len(used.feeds) // 2)
     else:
@@ -159,7 +158,7 @@ def optimize(
     optimized, report = pipeline.run(model, ctx, label)
     if lossy and data is None:
         report.notes.append("lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result")
-    report.notes.extend(_unused_feeds_notes(feeds, held_out, max_feeds))
+    report.notes.extend(notes)
     if metric is not None and validation.labels is not None:
         before = metric(runtime.run_all(model, validation.feeds, settings), validation.labels)
         after = metric(runtime.run_all(optimized, validation.feeds, settings), validation.labels)
