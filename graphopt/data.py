@@ -207,7 +207,9 @@ def _split_input(file: Path, spec: InputSpec, array: np.ndarray, batch: int) -> 
         raise UserError(f"--data {file}: array {spec.name!r} is {array.dtype}, the model input wants {spec.dtype}; convert it (e.g. arr.astype(np.{spec.dtype}))")
     rank = len(spec.dims) if spec.dims is not None else array.ndim
     if array.ndim == rank + 1:
-        parts = [array[i] for i in range(array.shape[0])]
+        # `array[i, ...]` keeps a 0-d ndarray for scalar inputs; `array[i]` would be a numpy scalar,
+        # which onnxruntime refuses to take as an input.
+        parts = [array[i, ...] for i in range(array.shape[0])]
     elif array.ndim == rank:
         if rank == 0:
             parts = [array]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import data
+from graphopt import data, runtime
 from graphopt.errors import UserError
 
 from tests.helpers import make_model
@@ -54,6 +54,9 @@ def test_one_more_axis_gives_one_feed_per_index(tmp_path):
     fs = data.load_feeds(path, token_model())
     assert len(fs.feeds) == 3
     assert fs.feeds[1]["ids"].shape == (2, 7) and fs.feeds[1]["scale"].shape == () and fs.feeds[1]["scale"] == 2.0
+    assert all(isinstance(f["scale"], np.ndarray) for f in fs.feeds), "a numpy scalar is not an onnxruntime input"
+    outputs = runtime.run_all(token_model(), fs.feeds)
+    assert [o["y"].shape for o in outputs] == [(2, 7, 8)] * 3
 
 
 def test_folder_of_npz_files_is_read_in_name_order(tmp_path):
