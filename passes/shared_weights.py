@@ -64,7 +64,8 @@ class FoldSharedWeights(Pass):
         names = NameGenerator(model)
         counts = {"duplicates_folded": 0, "transposed_folded": 0, "reshaped_folded": 0, "bytes_saved": 0, "nodes_added": 0}
         refused: list[str] = []
-        for path, graph in list(iter_graphs_with_path(model.graph)):
+        # Bodies first: folding a graph rebuilds its node list, which copies the nodes holding its bodies.
+        for path, graph in reversed(list(iter_graphs_with_path(model.graph))):
             found = find_in_graph(graph, path)
             refused += [_blocked_reason(b.graph, b.copy, b.graph_inputs) for b in found.blocked]
             if found.groups:

@@ -270,6 +270,40 @@ def test_duplicates_inside_an_if_branch_fold_within_that_branch():
     assert_same_outputs(before, model, feeds, rtol=0, atol=0)
 
 
+def test_duplicates_fold_in_a_body_when_the_graph_holding_it_folds_too():
+    """x + a -> If(then: t + p + q, else: t - a2) -> y   with a == a2 in the main graph and p == q in the
+    then-branch: folding the main graph rebuilds its node list (copying the If), so the body must be
+    folded first or its folding is lost"""
+    w, v = _weights(3), _weights(3)
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", ["t", "p"], ["u"]), helper.make_node("Add", ["u", "q"], ["then_y"])],
+        "then",
+        [],
+        [_info("then_y", [3])],
+        initializer=[_init(v, "p"), _init(v.copy(), "q")],
+    )
+    else_branch = helper.make_graph([helper.make_node("Sub", ["t", "a2"], ["else_y"])], "else", [], [_info("else_y", [3])])
+    model = make_model(
+        [
+            helper.make_node("Add", ["x", "a"], ["t"]),
+            helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch),
+        ],
+        [_info("cond", [], TensorProto.BOOL), _info("x", [3])],
+        [_info("y", [3])],
+        [_init(w, "a"), _init(w.copy(), "a2")],
+    )
+    before, result = _fold(model)
+    assert result.counts["duplicates_folded"] == 2
+    assert [t.name for t in model.graph.initializer] == ["a"]
+    bodies = {a.name: a.g for a in model.graph.node[1].attribute}
+    assert [t.name for t in bodies["then_branch"].initializer] == ["p"]
+    assert list(bodies["then_branch"].node[1].input) == ["u", "p"]
+    assert list(bodies["else_branch"].node[0].input) == ["t", "a"]
+    assert not run_pass(FoldSharedWeights(), model).changed, "one run reaches the fixed point"
+    feeds = [{"cond": np.array(c), "x": _weights(3)} for c in (True, False)]
+    assert_same_outputs(before, model, feeds, rtol=0, atol=0)
+
+
 def test_finder_reports_groups_and_savings_without_changing_the_model(tied_embedding_model):
     before = tied_embedding_model.SerializeToString()
     found = find_weight_sharing(tied_embedding_model)
