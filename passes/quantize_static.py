@@ -218,7 +218,10 @@ class QuantizeStatic(Pass):
         plan = make_plan(work, self._allowed_ops(), self.kept_by_user)
         notes += self.kept_by_user.unmatched_note(sum(k["reason"] == "requested" for k in plan.kept_float))
         subgraph_nodes = sum(len(g.node) for g in iter_graphs(work.graph)) - len(work.graph.node)
-        details: dict = {"subgraphs": f"{subgraph_nodes} nodes inside If/Loop/Scan bodies left float"} if subgraph_nodes else {}
+        details: dict = {}
+        if subgraph_nodes:
+            details["subgraphs"] = f"{subgraph_nodes} nodes inside If/Loop/Scan bodies left float"
+            notes.append(details["subgraphs"] + " (quantize-static quantizes the main graph only)")
         details["kept_float"] = plan.kept_float
         methods = AUTO_METHODS if self.method == "auto" else (self.method,)
         stats = calibrate.collect(work, ctx.calibration, calibrated_tensors(plan, plan.units), bins=max(calibrate.bins_for(m) for m in methods))
@@ -227,7 +230,7 @@ class QuantizeStatic(Pass):
         ranges = {m: {t: s.range(m, percentile=self.percentile, transfer=transfers.get(t) if m == "mse" else None) for t, s in stats.items()} for m in methods}
         drop_lopsided_concats(plan, ranges[methods[0]])
         if not plan.units:
-            return PassResult(False, refused=["no node that onnxruntime fuses into an integer kernel can be quantized here" + _why(plan)], details=details)
+            return PassResult(False, refused=["no node that onnxruntime fuses into an integer kernel can be quantized here" + _why(plan, subgraph_nodes)], details=details, notes=notes)
         bit_widths = (8, 7) if self.weight_bits == 0 else (self.weight_bits,)
         shifts = {bits: weight_shifts(plan, plan.units, ctx.calibration[:SENSITIVITY_FEEDS], self.per_channel, bits) if self.bias_correction else {} for bits in bit_widths}
         builders = {(m, bits): Builder(plan, ranges[m], self.per_channel, shifts[bits], bits) for m in methods for bits in bit_widths}
@@ -469,9 +472,10 @@ def _fewest_to_return(ranked: list, problem_with, limit: int) -> int | None:
     return hi if hi < len(ranked) else None
 
 
-def _why(plan: Plan) -> str:
+def _why(plan: Plan, subgraph_nodes: int) -> str:
     if not plan.kept_float:
-        return " (no Conv, Gemm, MatMul, Add, Mul, Concat, Where, Sigmoid, LeakyRelu or pooling node)"
+        bodies = f" outside If/Loop/Scan bodies; the {subgraph_nodes} nodes inside them stay float" if subgraph_nodes else ""
+        return f" (no Conv, Gemm, MatMul, Add, Mul, Concat, Where, Sigmoid, LeakyRelu or pooling node{bodies})"
     return f" ({len(plan.kept_float)} candidates unsupported, e.g. {plan.kept_float[0]['node']!r}: {plan.kept_float[0]['detail']})"
 
 

@@ -521,9 +521,26 @@ def test_subgraph_nodes_stay_float_and_said():
     before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 4, 6, 6])], [tensor("w", [4, 4, 1, 1]), cond])
     after, result = quantize(before)
     assert result.details["quantized"] == {"Conv": 1} and result.details["subgraphs"] == "2 nodes inside If/Loop/Scan bodies left float"
+    assert "2 nodes inside If/Loop/Scan bodies left float (quantize-static quantizes the main graph only)" in result.notes
     then_branch = next(a.g for a in node(after, "If").attribute if a.name == "then_branch")
     assert [n.op_type for n in then_branch.node] == ["Conv"]
     check_close(before, after)
+
+
+def test_refusal_says_the_convs_inside_bodies_stay_float():
+    """If(cond) { x -> Conv -> out } -> y alone (silero-vad's layout): nothing in the main graph to
+    quantize, and the refusal says the body's nodes stay float instead of claiming there is no Conv."""
+    body_conv = helper.make_node("Conv", ["x", "w2"], ["inner"], name="inner_conv")
+    branch = helper.make_graph([body_conv], "branch", [], [vi("inner", [1, 4, 6, 6])], initializer=[tensor("w2", [4, 4, 1, 1])])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=branch)]
+    before = make_model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 4, 6, 6])], [cond])
+    after, result = quantize(before)
+    assert not result.changed and op_types(after) == ["If"]
+    assert result.refused == [
+        "no node that onnxruntime fuses into an integer kernel can be quantized here (no Conv, Gemm, MatMul, Add, Mul,"
+        " Concat, Where, Sigmoid, LeakyRelu or pooling node outside If/Loop/Scan bodies; the 2 nodes inside them stay float)"
+    ]
 
 
 def test_auto_activation_type_reuses_the_cached_decision():
