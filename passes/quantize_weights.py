@@ -37,7 +37,8 @@ Refused (in `refused`, weight left float):
   a weight whose readers need different reduction axes (e.g. a Gather table also read as MatMul's [K, N])
 MatMul/Gemm/Gather/Conv whose operand is an activation are not weights and are not listed, nor is a weight
 already quantized (restored by a DequantizeLinear or a Cast of integers: another quantization pass's work).
-Subgraphs (If/Loop/Scan bodies) are left float: their weights are not looked at.
+Subgraphs (If/Loop/Scan bodies) are left float: their weights are not looked at (the notes say how many
+MatMul/Gemm/Conv/Gather nodes that leaves).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from onnx import helper
 
 from graphopt.activations import intermediates
 from graphopt.errors import PassError
-from graphopt.graph import MS_DOMAIN, STANDARD_DOMAINS, NameGenerator, attribute, constant_names, consumers, copy_model, drop_unread, initializer_bytes, output_names, producers, remove_nodes
+from graphopt.graph import MS_DOMAIN, STANDARD_DOMAINS, NameGenerator, attribute, constant_names, consumers, copy_model, drop_unread, initializer_bytes, iter_graphs, output_names, producers, remove_nodes
 from graphopt.passes.gptq import Hessian, gptq
 from graphopt.passes.qdq import (
     BLOCKED_OPSET,
@@ -136,7 +137,7 @@ class QuantizeWeights(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self._check_options()
         weights, refused, matched = _find_weights(model.graph, self.embeddings, self.min_weight_elements, self.kept_by_user)
-        requested = self.kept_by_user.unmatched_note(matched)
+        requested = self.kept_by_user.unmatched_note(matched) + _bodies_note(model, self.embeddings)
         if not weights:
             return PassResult(False, refused=refused, notes=requested)
         hessians = _hessians(model, weights, ctx) if self.method == "gptq" else None
@@ -153,10 +154,10 @@ class QuantizeWeights(Pass):
             hessians = hessians or _hessians(model, weights, ctx)
             candidate, problem = self._back_off(base, weights, quantized, levels, fmt, hessians, reference, problem, fallback, ctx)
         if problem:
-            return PassResult(False, refused=refused + [f"over budget even with every weight float: {problem}"])
+            return PassResult(False, refused=refused + [f"over budget even with every weight float: {problem}"], notes=notes)
         if all(level == FLOAT for level in levels.values()):
             reasons = sorted(set(fallback.values()))
-            return PassResult(False, refused=refused + [f"every weight had to stay float to keep the budget: {'; '.join(reasons[:3])}"])
+            return PassResult(False, refused=refused + [f"every weight had to stay float to keep the budget: {'; '.join(reasons[:3])}"], notes=notes)
         notes += [opset_note] if opset_note else []
         saved = initializer_bytes(model) - initializer_bytes(candidate)
         model.CopyFrom(candidate)
@@ -238,6 +239,22 @@ def _transposed(q: QuantizedWeight) -> QuantizedWeight:
 # ---- finding weights -------------------------------------------------------------------------------
 
 
+def _bodies_note(model: onnx.ModelProto, embeddings: bool) -> list[str]:
+    """What this pass leaves float inside If/Loop/Scan bodies, as a note (none when there is none)."""
+    graphs = list(iter_graphs(model.graph))
+    consts = set().union(*(constant_names(g) for g in graphs))  # a body may read a constant of the graph around it
+    inside = Counter(n.op_type for g in graphs[1:] for n in g.node if _reads_weight_kind(n, embeddings) and n.input[0 if n.op_type == "Gather" else 1] in consts)
+    if not inside:
+        return []
+    ops = ", ".join(f"{op} {k}" for op, k in sorted(inside.items()))
+    return [f"nodes inside If/Loop/Scan bodies left float: {ops} (quantize-weights quantizes the main graph only)"]
+
+
+def _reads_weight_kind(node: onnx.NodeProto, embeddings: bool) -> bool:
+    """A node of a kind this pass quantizes the weight of (whether its operand is a weight or not)."""
+    return node.domain in STANDARD_DOMAINS and node.op_type in ("MatMul", "Gemm", "Conv") + (("Gather",) if embeddings else ())
+
+
 def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, keep: KeepFloat) -> tuple[dict[str, _Weight], list[str], int]:
     """The quantizable weights of the main graph with their readers, the refused ones with reasons, and
     how many nodes `keep` named: those are refused and read their weight float (other readers of that
@@ -248,7 +265,7 @@ def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, k
     conflicts: set[str] = set()
     requested = 0
     for node in graph.node:
-        if node.domain not in STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Gather", "Conv") or (node.op_type == "Gather" and not embeddings):
+        if not _reads_weight_kind(node, embeddings):
             continue
         if keep(node):
             refused.append(f"{_label(node)}: {keep.reason()}")

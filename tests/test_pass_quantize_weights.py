@@ -511,3 +511,22 @@ def test_weight_already_quantized_is_skipped_without_a_refusal():
     model = make_model(nodes, [vi("x", [3, 64])], [vi("a", [3, 48]), vi("b", [3, 48]), vi("c", [3, 48])], inits)
     after, result = quantize(model, format="folded", bits=8)
     assert result.refused == [] and result.details["bits"] == {"W": 8}
+
+
+
+def test_nodes_inside_bodies_stay_float_and_the_notes_say_so():
+    """x -> MatMul(W) -> h ; If(cond) { h -> MatMul(W2) -> inner } -> y: the main graph's weight is
+    quantized; the body's MatMul (in both branches) stays float, and a note counts it."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w2"], ["inner"])], "body", [], [vi("inner", [3, 48])], initializer=[init("w2", RNG.standard_normal((48, 48)).astype(np.float32))]
+    )
+    model, _ = matmul_model()
+    model.graph.node[0].output[0] = "h"
+    model.graph.node.append(helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body))
+    model.graph.initializer.append(init("cond", np.array(True)))
+    after, result = quantize(model, bits=8, format="dequantize")
+    assert result.changed and result.details["quantized"] == {"MatMul": 1}
+    assert result.notes[0] == "nodes inside If/Loop/Scan bodies left float: MatMul 2 (quantize-weights quantizes the main graph only)"
+    then_branch = next(a.g for a in after.graph.node[-1].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_branch.node] == ["MatMul"] and then_branch.initializer[0].data_type == TP.FLOAT
+    assert_close(model, after, float_feeds(model), rtol=0.02)
