@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 
 from graphopt import data as data_mod
+from graphopt import runtime
 from graphopt.data import Feed
 
 HERE = Path(__file__).resolve().parent
@@ -86,6 +87,15 @@ PPOCR_DET = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/m
 PPOCR_CLS = WheelMember("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
 DDDDOCR_DET = WheelMember("ddddocr", "1.6.1", "ddddocr/common_det.onnx")
 DDDDOCR_OLD = WheelMember("ddddocr", "1.6.1", "ddddocr/common_old.onnx")
+# Two models from other wheels, for what the presets do on subgraphs and on byte inputs:
+# silero-vad's voice activity detector (the whole network inside an If on the sample rate, an LSTM cell
+# inside nested Ifs) and magika's file-type classifier (int32 byte values in, ai.onnx.ml opset imported).
+SILERO_VAD = WheelMember("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx")
+MAGIKA = WheelMember("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx")
+VAD_RATE = 16000
+VAD_CHUNK = 512  # samples per call at 16 kHz, as silero-vad's OnnxWrapper sends them
+VAD_CONTEXT = 64  # samples of the previous chunk it puts in front
+MAGIKA_BEG, MAGIKA_END, MAGIKA_PADDING, MAGIKA_BLOCK = 1024, 1024, 256, 4096  # the model's config.min.json
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
 TEXT_PAGE_SIZE = 320
@@ -371,3 +381,71 @@ def yolox_feeds(count: int, seed: int = 0) -> list[Feed]:
 def old_captcha_feeds(count: int, seed: int = 0) -> list[Feed]:
     """`captchas` for ddddocr's older recognizer, input `input1` [1, 1, 64, 192], scaled to [-1, 1]."""
     return [{"input1": f["input1"] * 2.0 - 1.0} for f in captchas(count, seed)[1]]
+
+
+def speech_like_audio(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """Mono 16 kHz audio that alternates voiced syllables and pauses: a glottal pulse train (pitch
+    90-250 Hz, a little jitter) shaped by three vowel formants, syllable envelopes of 120-300 ms, pauses
+    of 100-600 ms, and background noise throughout. Synthetic (no speech recording ships in a wheel)."""
+    n = int(seconds * VAD_RATE)
+    audio = rng.normal(0.0, 0.003, n)
+    freqs = np.fft.rfftfreq(n, 1 / VAD_RATE)
+    at = int(rng.uniform(0.1, 0.5) * VAD_RATE)
+    while at < n:
+        length = min(int(rng.uniform(0.12, 0.3) * VAD_RATE), n - at)
+        pitch = rng.uniform(90, 250)
+        pulses = np.zeros(n)
+        t = at
+        while t < at + length:
+            pulses[t] = 1.0
+            t += max(1, int(VAD_RATE / (pitch * rng.uniform(0.97, 1.03))))
+        formants = sum(np.exp(-(((freqs - f) / bw) ** 2)) for f, bw in zip((rng.uniform(300, 900), rng.uniform(900, 2300), rng.uniform(2300, 3200)), (90, 120, 160)))
+        voiced = np.fft.irfft(np.fft.rfft(pulses) * formants, n)
+        envelope = np.zeros(n)
+        envelope[at : at + length] = np.hanning(length)
+        audio += rng.uniform(0.05, 0.4) * voiced / (np.abs(voiced).max() + 1e-9) * envelope
+        at += length + int(rng.uniform(0.1, 0.6) * VAD_RATE)
+    return audio.astype(np.float32)
+
+
+def vad_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """Feeds for silero-vad, as its OnnxWrapper makes them while streaming `speech_like_audio`: `input`
+    [1, 576] (the last 64 samples of the previous chunk, then 512 new ones), `state` [2, 1, 128] (the
+    state the original model returned for the previous chunk) and `sr` (16000, a scalar)."""
+    audio = speech_like_audio((count + 1) * VAD_CHUNK / VAD_RATE, np.random.default_rng(seed))
+    session = runtime.session(str(fetch(SILERO_VAD)))
+    state, context, feeds = np.zeros((2, 1, 128), np.float32), np.zeros(VAD_CONTEXT, np.float32), []
+    for i in range(count):
+        chunk = audio[i * VAD_CHUNK : (i + 1) * VAD_CHUNK]
+        feed = {"input": np.concatenate([context, chunk])[None], "state": state, "sr": np.array(VAD_RATE, np.int64)}
+        feeds.append(feed)
+        state = runtime.run(session, feed)["stateN"]
+        context = chunk[-VAD_CONTEXT:]
+    return feeds
+
+
+def file_byte_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """Feeds for magika, input `bytes` [1, 2048] int32: real files (members of the matplotlib and
+    scikit-image wheels: Python, compiled modules, fonts, images, data, text; each seed a different
+    `count` of them), featurized as magika does:
+    the first 1024 bytes of the first 4096 after stripping leading whitespace, padded with 256 at the end,
+    then the last 1024 of the last 4096 after stripping trailing whitespace, padded at the start."""
+    wheels = [_cached_wheel(m) or _download_wheel(m) for m in (PEOPLE_PHOTOS[2], PEOPLE_PHOTOS[0])]  # matplotlib's, scikit-image's
+    by_suffix: dict[str, list] = {}
+    for wheel in wheels:
+        for info in zipfile.ZipFile(wheel).infolist():
+            if info.file_size >= 8:  # magika's min_file_size_for_dl
+                by_suffix.setdefault(Path(info.filename).suffix, []).append((wheel, info))
+    rng = np.random.default_rng(0)  # one order for every seed: seeds take disjoint slices of it
+    groups = [by_suffix[k] for k in sorted(by_suffix)]
+    for group in groups:
+        rng.shuffle(group)
+    # one file of each kind in turn, so that Python sources do not crowd out the rest
+    order = [group[depth] for depth in range(max(map(len, groups))) for group in groups if depth < len(group)]
+    feeds = []
+    for wheel, info in order[seed * count : (seed + 1) * count]:
+        data = zipfile.ZipFile(wheel).read(info)
+        beg, end = data[:MAGIKA_BLOCK].lstrip()[:MAGIKA_BEG], data[-MAGIKA_BLOCK:].rstrip()[-MAGIKA_END:]
+        ints = list(beg) + [MAGIKA_PADDING] * (MAGIKA_BEG - len(beg)) + [MAGIKA_PADDING] * (MAGIKA_END - len(end)) + list(end)
+        feeds.append({"bytes": np.array([ints], np.int32)})
+    return feeds

@@ -1,5 +1,5 @@
 """The presets on real models outside the quantization benchmark: do they run end to end, and what do
-they give? The other ONNX files in the wheels benchmarks/models.py already fetches:
+they give? The other ONNX files in the wheels benchmarks/models.py already fetches,
 
     ppocr-det     PP-OCRv4 text detector (opset 12, dynamic batch/H/W, weights as Constant nodes), on
                   rendered text pages
@@ -7,6 +7,14 @@ they give? The other ONNX files in the wheels benchmarks/models.py already fetch
     ddddocr-det   ddddocr's YOLOX-style detector (opset 11, SiLU, 416 x 416, raw pixels), photographs
     ddddocr-old   ddddocr's older recognizer, shipped already int8 (ConvInteger, DynamicQuantizeLinear):
                   the presets must leave its quantization alone
+
+and two from other wheels:
+
+    silero-vad    silero-vad 6.2.3's voice activity detector (opset 16): the whole network inside an If
+                  on the sample rate, its LSTM cell inside nested Ifs, weights as Constant nodes; on
+                  speech-like synthetic audio streamed as its OnnxWrapper does (state carried over)
+    magika        magika 1.0.3's file-type classifier (opset 15 and ai.onnx.ml, int32 byte values in),
+                  on real files from the matplotlib and scikit-image wheels
 
 Each preset runs through graphopt.optimize on the calibration feeds with the default budget (per output:
 cosine and top-1 agreement >= 0.99 on the half graphopt holds out); a failure is recorded and the others
@@ -44,6 +52,8 @@ MODELS: dict[str, tuple[models.WheelMember, Callable[[int, int], list[Feed]]]] =
     "ppocr-cls": (models.PPOCR_CLS, models.text_line_feeds),
     "ddddocr-det": (models.DDDDOCR_DET, models.yolox_feeds),
     "ddddocr-old": (models.DDDDOCR_OLD, models.old_captcha_feeds),
+    "silero-vad": (models.SILERO_VAD, models.vad_feeds),
+    "magika": (models.MAGIKA, models.file_byte_feeds),
 }
 
 
