@@ -26,6 +26,7 @@ from graphopt.graph import consumers, constant_value
 
 Feed = dict[str, np.ndarray]
 
+SYNTHESIZED = "synthesized"  # the source of feeds made by `synthesize`
 DEFAULT_BATCH_DIM = 1
 DEFAULT_OTHER_DIM = 32
 LABELS = "labels"
@@ -42,7 +43,7 @@ class InputSpec:
 class FeedSet:
     feeds: list[Feed]
     labels: list[np.ndarray] | None = None
-    source: str = "synthesized"
+    source: str = "given"
     notes: list[str] = field(default_factory=list)
 
     def split(self, first: int) -> tuple["FeedSet", "FeedSet"]:
@@ -118,7 +119,7 @@ def synthesize(model: onnx.ModelProto, count: int = 4, seed: int = 0, shapes: di
             shape = concrete_shape(spec, shapes or {})
             feed[spec.name] = _random_array(rng, spec, shape, bounds.get(spec.name))
         feeds.append(feed)
-    return FeedSet(feeds, None, "synthesized", [f"{count} synthesized feeds (seed {seed})"])
+    return FeedSet(feeds, None, SYNTHESIZED, [f"{count} synthesized feeds (seed {seed})"])
 
 
 def _random_array(rng: np.random.Generator, spec: InputSpec, shape: list[int], bound: int | None) -> np.ndarray:
@@ -253,5 +254,5 @@ def feed_set(data, model: onnx.ModelProto, *, count: int = 4, seed: int = 0, sha
     if isinstance(data, (str, Path)):
         return load_feeds(data, model, batch, ignore)
     if isinstance(data, list):
-        return FeedSet(list(data), None, "given")
+        return FeedSet(list(data))
     raise UserError(f"data must be a path to .npz, a folder of them, a FeedSet or a list of feed dicts, not {type(data).__name__}")

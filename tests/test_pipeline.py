@@ -561,6 +561,38 @@ def test_the_report_says_when_max_feeds_left_given_feeds_unused():
     assert everything.report.feeds.startswith("5 validation feeds")
 
 
+SYNTHESIZED_NOTE = "lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result"
+
+
+@pytest.mark.parametrize("data", [None, "synthesized FeedSet"])
+def test_the_report_says_when_lossy_passes_saw_only_synthesized_feeds(data):
+    """Whether the caller gave no data or the feeds `synthesize` made (as the command line passes them)."""
+    model = relu_neg_model()
+    swap = SwapOp(op="Abs")
+    swap.lossless = False
+    given = graphopt.data.synthesize(model, count=4) if data else None
+    result = graphopt.optimize(model, passes=[swap], data=given, strict=True)
+    assert SYNTHESIZED_NOTE in result.report.notes
+    real = graphopt.optimize(model, passes=[swap], data=seeded_feeds(model, n=4), strict=True)
+    assert SYNTHESIZED_NOTE not in real.report.notes
+
+
+def test_a_model_that_fails_on_synthesized_feeds_is_told_to_give_data():
+    """x[n] -> Reshape to [2, 4] -> y: the synthesized x has one value (axis 0 of unknown size is 1)."""
+    shape = numpy_helper.from_array(np.array([2, 4], np.int64), "shape")
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [shape],
+    )
+    with pytest.raises(graphopt.UserError) as caught:
+        graphopt.optimize(model)
+    assert str(caught.value).startswith("onnxruntime failed to run the input model: ")
+    assert str(caught.value).endswith("\nthe feeds were synthesized (x [1]): give real inputs with --data, or other dims with --shape NAME=DIMS")
+    assert graphopt.optimize(model, data=[{"x": np.arange(8, dtype=np.float32)}]).model is not None, "with data that fits it runs"
+
+
 def test_lossy_passes_run_in_the_first_round_only():
     lossy = FasterClaim()
     lossy.claims = ""
