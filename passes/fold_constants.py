@@ -1,8 +1,11 @@
-"""fold-constants: replace every main-graph computation that depends on initializers alone by its result.
+"""fold-constants: replace every computation that depends on initializers alone by its result.
 
-Rewrites (main graph only):
-  nodes whose inputs are all constant (transitively) => initializers holding the outputs other nodes read
-  Shape(x) / Size(x), x fully static per onnx shape inference and confirmed by onnxruntime => int64 initializer
+Rewrites (in the main graph and in If/Loop/Scan bodies, each graph before its bodies):
+  nodes whose inputs are all constant (transitively) => initializers holding the outputs other nodes read;
+    in a body, the initializers of the graphs around it count as constants too, and the result becomes an
+    initializer of the body
+  Shape(x) / Size(x) in the main graph, x fully static per onnx shape inference and confirmed by onnxruntime
+    => int64 initializer
     (so Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains of PyTorch/Paddle exports collapse)
   Constant -> Add(initializer) => one initializer; a Constant node read by a node that stays is left as it is
     (turning Constant nodes into initializers is lift-constants' job)
@@ -23,11 +26,14 @@ Refused (named in `refused`, node left in place):
   Transpose/Reshape/Flatten/Squeeze/Unsqueeze/Identity of an initializer that other nodes still read, when
     the result holds at least `min_view_bytes`: the file would store the weight twice. Such view nodes are
     what fold-shared-weights writes on purpose, and onnxruntime folds them when it loads the model.
+  in a body, a result of at least `min_view_bytes` computed from an initializer of a graph around it: that
+    initializer stays (other bodies may read it), so the body would store a second copy (silero-vad's LSTM
+    weights, sliced inside two branches from the graph around them: 2.1 MB more on a 2.2 MB model)
   Shape/Size of a tensor whose static shape onnxruntime contradicts, or that no feed was available to confirm
   (graph inputs need no confirmation: onnxruntime rejects feeds that differ from declared static dims)
 
-Not folded, not reported: nodes holding If/Loop/Scan bodies, nodes inside those bodies (bodies are left
-alone; main-graph constants they read are folded like any other), Shape/Size of dynamically shaped tensors,
+Not folded, not reported: nodes holding If/Loop/Scan bodies, Shape/Size inside bodies (their shapes are
+not observed) and of dynamically shaped tensors,
 DequantizeLinear (and so what it feeds) of constant integers, and Cast of constant 4- or 8-bit integers: a
 quantized weight would turn back into the float weight a quantization pass (or the exporter) removed.
 """
@@ -48,6 +54,7 @@ from graphopt.graph import (
     NON_DETERMINISTIC,
     constant_names,
     consumers,
+    defined_names,
     output_names,
     producers,
     remove_nodes,
@@ -83,27 +90,36 @@ class FoldConstants(Pass):
     min_view_bytes: int = 64
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        graph = model.graph
         shape_values, refused = _static_shape_values(model, ctx)
-        excluded: set[str] = set()  # outputs of nodes whose result was refused after evaluation
-        while True:
-            plan = _plan(graph, shape_values, excluded)
-            values = _evaluate(model, plan, shape_values)
-            rejected = self._reject(graph, plan, values)
-            if not rejected:
-                break
-            refused += rejected.values()
-            excluded |= set(rejected)
-        refused += plan.refused
-        if not plan.removed:
+        counts = {"nodes_folded": 0, "shape_nodes_folded": 0, "bytes_added": 0}
+        # Walked lazily, parents first: a body sees what its parent folded (as initializers around it), and
+        # folding removes nodes in place, so the bodies reached afterwards are the model's own.
+        for scope in _scopes(model.graph):
+            plan, values = self._settled_plan(model, scope, shape_values if not scope.outer else {}, refused)
+            refused += plan.refused
+            if plan.removed:
+                counts["bytes_added"] += _apply(scope.graph, plan, values)
+                counts["nodes_folded"] += len(plan.removed)
+                counts["shape_nodes_folded"] += sum(1 for n in plan.removed if n.output[0] in shape_values)
+        if not counts["nodes_folded"]:
             return PassResult(changed=False, refused=refused)
-        bytes_added = _apply(graph, plan, values)
-        shape_nodes = sum(1 for n in plan.removed if n.output[0] in shape_values)
-        counts = {"nodes_folded": len(plan.removed), "shape_nodes_folded": shape_nodes, "bytes_added": bytes_added}
         return PassResult(changed=True, counts=counts, refused=refused)
 
-    def _reject(self, graph: onnx.GraphProto, plan: _Plan, values: dict[str, object]) -> dict[str, str]:
+    def _settled_plan(self, model: onnx.ModelProto, scope: "_Scope", shape_values: dict[str, np.ndarray], refused: list[str]) -> tuple[_Plan, dict[str, object]]:
+        """The plan for one graph and its values, after refusing the results that may not become initializers."""
+        excluded: set[str] = set()  # outputs of nodes whose result was refused after evaluation
+        while True:
+            plan = _plan(scope, shape_values, excluded)
+            values = _evaluate(model, scope, plan, shape_values)
+            rejected = self._reject(scope, plan, values)
+            if not rejected:
+                return plan, values
+            refused += rejected.values()
+            excluded |= set(rejected)
+
+    def _reject(self, scope: "_Scope", plan: _Plan, values: dict[str, object]) -> dict[str, str]:
         """Results that must not become initializers (their producers stay), with the reason for each."""
+        graph = scope.graph
         prod = producers(graph)
         rejected: dict[str, str] = {}
         for name in plan.needed:
@@ -111,6 +127,7 @@ class FoldConstants(Pass):
             if not isinstance(value, np.ndarray):
                 rejected[name] = f"{_describe(node)}: output '{name}' is a {type(value).__name__}, not a tensor"
         rejected.update(self._weight_views(graph, plan, values, rejected))
+        rejected.update(self._outer_copies(scope, plan, values, rejected))
         big = [n for n in plan.needed if n not in rejected and _array_bytes(values[n]) > self.max_growth_bytes]
         freed = _freed_bytes(graph, plan) if big else {}
         for name in big:
@@ -123,6 +140,26 @@ class FoldConstants(Pass):
                 )
         return rejected
 
+
+    def _outer_copies(self, scope: "_Scope", plan: _Plan, values: dict[str, object], rejected: dict[str, str]) -> dict[str, str]:
+        """Needed outputs of a body computed from initializers of the graphs around it (see the module
+        docstring), with the reason for each."""
+        if not scope.outer:
+            return {}
+        prod, own, removed_ids = producers(scope.graph), constant_names(scope.graph), {id(n) for n in plan.removed}
+        around = scope.constants() - own
+        by_id = {id(n): n for n in plan.removed}
+        copies: dict[str, str] = {}
+        for name in plan.needed:
+            if name in rejected or _array_bytes(values[name]) < self.min_view_bytes:
+                continue
+            read = {i for k in _ancestors(prod, [name], removed_ids) for i in by_id[k].input} & around
+            if read:
+                copies[name] = (
+                    f"{_describe(prod[name])}: '{name}' is computed from {', '.join(repr(r) for r in sorted(read))} of the graph "
+                    f"around this body, which stays; folding would store {_array_bytes(values[name])} bytes more"
+                )
+        return copies
 
     def _weight_views(self, graph: onnx.GraphProto, plan: _Plan, values: dict[str, object], rejected: dict[str, str]) -> dict[str, str]:
         """Needed outputs that are a second layout of an initializer that stays in use."""
@@ -142,6 +179,38 @@ class FoldConstants(Pass):
                     f"folding would store its {_array_bytes(value)} bytes twice (onnxruntime folds it at load instead)"
                 )
         return views
+
+
+@dataclass
+class _Scope:
+    """A graph and the graphs around it, innermost first: a body may read their initializers."""
+
+    graph: onnx.GraphProto
+    outer: tuple[onnx.GraphProto, ...] = ()
+
+    def constants(self) -> set[str]:
+        """Names that are initializers here or around here, and not defined again closer in."""
+        names, hidden = set(constant_names(self.graph)), defined_names(self.graph)
+        for g in self.outer:
+            names |= constant_names(g) - hidden
+            hidden |= defined_names(g)
+        return names
+
+    def initializers(self, names: set[str]) -> list[onnx.TensorProto]:
+        """The initializer each of `names` (constants of this scope) refers to: the innermost one."""
+        found: dict[str, onnx.TensorProto] = {}
+        for g in (self.graph, *self.outer):
+            own = constant_names(g)
+            found.update((t.name, t) for t in g.initializer if t.name in names and t.name in own and t.name not in found)
+        return list(found.values())
+
+
+def _scopes(graph: onnx.GraphProto, outer: tuple[onnx.GraphProto, ...] = ()):
+    """Every graph with the graphs around it, parents before their bodies."""
+    yield _Scope(graph, outer)
+    for node in graph.node:
+        for body in subgraphs(node):
+            yield from _scopes(body, (graph, *outer))
 
 
 def _describe(node: onnx.NodeProto) -> str:
@@ -186,15 +255,17 @@ def _shape_op_value(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
     return np.array(shape[attrs.get("start", 0) : attrs.get("end", len(shape))], dtype=np.int64)
 
 
-def _plan(graph: onnx.GraphProto, shape_values: dict[str, np.ndarray], excluded: set[str]) -> _Plan:
+def _plan(scope: "_Scope", shape_values: dict[str, np.ndarray], excluded: set[str]) -> _Plan:
     """Constant nodes (in graph order, so a node's inputs are decided before it) and what to do with them.
 
     Node identities (`id`) are only compared while this function's lists keep the nodes alive."""
+    graph = scope.graph
     runnable = _cpu_kernels()
-    known = set(constant_names(graph))
+    known = scope.constants()
     constant: list[onnx.NodeProto] = []
     refused: list[str] = []
-    integer_weights = qdq.integer_weights(graph)  # what restores them was quantized on purpose: not folded
+    # what restores them was quantized on purpose: not folded
+    integer_weights = set().union(*(qdq.integer_weights(g) for g in (graph, *scope.outer)))
     for node in graph.node:
         if node.output and node.output[0] in shape_values:
             constant.append(node)
@@ -265,22 +336,21 @@ def _ancestors(prod: dict[str, onnx.NodeProto], names: Iterable[str], within: se
     return seen
 
 
-def _evaluate(model: onnx.ModelProto, plan: _Plan, shape_values: dict[str, np.ndarray]) -> dict[str, object]:
+def _evaluate(model: onnx.ModelProto, scope: "_Scope", plan: _Plan, shape_values: dict[str, np.ndarray]) -> dict[str, object]:
     """Values of plan.needed: shape-folded ones from `shape_values`, the rest from one onnxruntime run."""
     values: dict[str, object] = {n.output[0]: shape_values[n.output[0]] for n in plan.removed if n.output[0] in shape_values}
     wanted = [n for n in plan.needed if n not in values]
     if wanted:
-        values.update(_run_constant_model(model, plan.evaluated, wanted, values))
+        values.update(_run_constant_model(model, scope, plan.evaluated, wanted, values))
     return {n: values[n] for n in plan.needed}
 
 
 def _run_constant_model(
-    model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str], known: dict[str, object]
+    model: onnx.ModelProto, scope: "_Scope", nodes: list[onnx.NodeProto], wanted: list[str], known: dict[str, object]
 ) -> dict[str, object]:
-    """One onnxruntime run of `nodes` over the graph's constants (and the `known` shape values)."""
-    graph = model.graph
+    """One onnxruntime run of `nodes` over the constants they read (and the `known` shape values)."""
     read = {i for n in nodes for i in n.input if i}
-    inits = [t for t in graph.initializer if t.name in read and t.name in constant_names(graph)]
+    inits = scope.initializers(read)
     inits += [numpy_helper.from_array(v, name) for name, v in known.items() if name in read]
     sub = helper.make_graph(nodes, "fold_constants", [], [onnx.ValueInfoProto(name=n) for n in wanted], initializer=inits)
     folding = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)

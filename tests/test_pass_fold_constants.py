@@ -261,8 +261,9 @@ def test_sequence_result_is_refused_as_not_a_tensor():
     assert result.refused == ["SequenceConstruct node 'seq': output 'seq' is a list, not a tensor"]
 
 
-def test_constants_read_by_if_bodies_fold_but_bodies_are_left_alone():
-    """a -> Neg -> n;  If(cond){ then: Add(n, Neg(b)) | else: Identity(n) } -> y"""
+def test_constants_fold_inside_if_bodies_after_the_graph_around_them():
+    """a -> Neg -> n;  If(cond){ then: Add(n, Neg(b)) | else: Identity(n) } -> y: the main graph folds n
+    first, so each branch then computes from constants alone and becomes an initializer."""
     then_branch = helper.make_graph(
         [helper.make_node("Neg", ["b"], ["nb"]), helper.make_node("Add", ["n", "nb"], ["t"])],
         "then", [], [vi("t", [3])], [tensor("b", [3])],
@@ -274,11 +275,54 @@ def test_constants_read_by_if_bodies_fold_but_bodies_are_left_alone():
     ]
     model = make_model(nodes, [vi("cond", [], TP.BOOL)], [vi("y", [3])], [tensor("a", [3])])
     before, after, result = fold(model)
-    assert op_types(after) == ["If"] and result.counts["nodes_folded"] == 1
-    then_after = helper.get_attribute_value(next(a for a in after.graph.node[0].attribute if a.name == "then_branch"))
-    assert [n.op_type for n in then_after.node] == ["Neg", "Add"]
+    assert op_types(after) == ["If"] and result.counts["nodes_folded"] == 4
+    bodies = {a.name: a.g for a in after.graph.node[0].attribute}
+    assert [(len(g.node), [t.name for t in g.initializer]) for g in (bodies["then_branch"], bodies["else_branch"])] == [(0, ["t"]), (0, ["e"])]
     feeds = [{"cond": np.array(True)}, {"cond": np.array(False)}]
     assert_same_outputs(before, after, feeds)
+
+
+def test_a_body_folds_its_own_weight_views_and_refuses_copies_of_weights_around_it():
+    """x -> If(cond){ MatMul(x, Unsqueeze(w_own)[0]) + MatMul(x, Transpose(w_out)) } -> y, as silero-vad's
+    LSTM weights are written: the view of the body's own weight (read by nothing else) folds, and its
+    source goes; the view of the main graph's weight would store it twice (other bodies may read it)."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["w_own", "zero"], ["w3"]),
+            helper.make_node("Squeeze", ["w3", "zero"], ["w_view"]),
+            helper.make_node("MatMul", ["x", "w_view"], ["p"]),
+            helper.make_node("Transpose", ["w_out"], ["w_t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "w_t"], ["q"]),
+            helper.make_node("Add", ["p", "q"], ["out"]),
+        ],
+        "body", [], [vi("out", [2, 8])], [tensor("w_own", [8, 8]), int64s("zero", [0])],
+    )
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body)]
+    model = make_model(nodes, [vi("cond", [], TP.BOOL), vi("x", [2, 8])], [vi("y", [2, 8])], [tensor("w_out", [8, 8])])
+    before, after, result = fold(model)
+    assert result.counts["nodes_folded"] == 4, "Unsqueeze and Squeeze in each branch"
+    then_after = next(a.g for a in after.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_after.node] == ["MatMul", "Transpose", "MatMul", "Add"]
+    assert [t.name for t in then_after.initializer] == ["w_view"], "w_own and zero are read by nothing else"
+    assert result.refused == [
+        "Transpose node 'w_t': 'w_t' is computed from 'w_out' of the graph around this body, which stays; folding would store 256 bytes more"
+    ] * 2
+    feeds = [{"cond": np.array(c), "x": RNG.standard_normal((2, 8)).astype(np.float32)} for c in (True, False)]
+    assert_same_outputs(before, after, feeds)
+
+
+def test_a_body_leaves_the_restore_of_an_integer_weight_around_it_alone():
+    """If(cond){ DequantizeLinear(w_int8 of the main graph) -> Add(x) } -> y: a quantized weight stays
+    quantized, as in the main graph."""
+    body = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w_q", "scale"], ["w"]), helper.make_node("Add", ["x", "w"], ["out"])],
+        "body", [], [vi("out", [4])],
+    )
+    inits = [numpy_helper.from_array(np.arange(4, dtype=np.int8), "w_q"), numpy_helper.from_array(np.array(0.5, np.float32), "scale")]
+    model = make_model([helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body)], [vi("cond", [], TP.BOOL), vi("x", [4])], [vi("y", [4])], inits)
+    _, after, result = fold(model)
+    assert not result.changed
+    assert [n.op_type for n in next(a.g for a in after.graph.node[0].attribute if a.name == "then_branch").node] == ["DequantizeLinear", "Add"]
 
 
 def test_nothing_constant_means_no_change():
