@@ -50,7 +50,7 @@ def session(model: onnx.ModelProto | str, settings: RuntimeSettings = RuntimeSet
     UserError naming `what` and onnxruntime's reason."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = LEVELS[settings.level]
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: every failure reaches the caller as an exception with the same text
     opts.enable_cpu_mem_arena = settings.memory_arena
     if settings.threads:
         opts.intra_op_num_threads = settings.threads
