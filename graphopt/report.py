@@ -120,7 +120,7 @@ class Report:
 def _pass_lines(r: PassRecord) -> list[str]:
     """What a pass said beyond its counts: notes, ops quantized, nodes kept float and why."""
     lines = [f"{r.name}: {note}" for note in r.notes]
-    if not r.lossless and r.status == "no change":
+    if not r.lossless and r.status != "applied":  # rolled back too: what its candidate left out, and why
         lines += [f"{r.name}: not done: {why}" for why in r.refused[:5]]
     quantized = r.details.get("quantized")
     if quantized and r.status == "applied":

@@ -384,6 +384,29 @@ def test_report_counts_and_final_comparison():
     assert "add-identity-once" in result.report.summary()
 
 
+@dataclass
+class SwapWithRefusals(SwapOp):
+    """A lossy SwapOp that also says what it left out."""
+
+    lossless = False
+
+    def run(self, model, ctx):
+        result = super().run(model, ctx)
+        result.refused = ["Conv 'c1': unsupported"]
+        return result
+
+
+@pytest.mark.parametrize("op, status", [("Neg", "applied"), ("Abs", "rolled back")])
+def test_the_summary_says_what_a_lossy_pass_left_out_unless_it_was_kept(op, status):
+    """Relu -> Neg stays Relu -> Neg (within the budget: kept) or becomes Relu -> Abs (the sign flips:
+    rolled back). A rolled-back pass's refusals explain its candidate, so the summary shows them as for a pass
+    that changed nothing; a kept pass's are in the JSON only."""
+    result = graphopt.optimize(relu_neg_model(), passes=[SwapWithRefusals(op=op)], data=seeded_feeds(relu_neg_model(), n=4), strict=True)
+    assert result.report.records[0].status == status
+    said = "swap-op: not done: Conv 'c1': unsupported" in result.report.summary().splitlines()
+    assert said == (status == "rolled back")
+
+
 def test_unloadable_input_model_is_a_user_error():
     model = relu_neg_model()
     model.graph.node[0].op_type = "Relu"
