@@ -137,13 +137,12 @@ class QuantizeWeights(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self._check_options()
         weights, refused, matched = _find_weights(model.graph, self.embeddings, self.min_weight_elements, self.kept_by_user)
-        requested = self.kept_by_user.unmatched_note(matched) + _bodies_note(model, self.embeddings)
+        notes = self.kept_by_user.unmatched_note(matched) + _bodies_note(model, self.embeddings)
         if not weights:
-            return PassResult(False, refused=refused, notes=requested)
+            return PassResult(False, refused=refused, notes=notes)
         hessians = _hessians(model, weights, ctx) if self.method == "gptq" else None
         levels = {name: self.bits for name in weights}
         quantized = {name: self._quantize(w, self.bits, hessians) for name, w in weights.items()}
-        notes: list[str] = requested
         fmt = self._choose_format(model, weights, quantized, levels, ctx, notes)
         base, opset_note = _prepared(model, weights, quantized, levels, fmt)
         reference = ctx.outputs(model)
