@@ -78,12 +78,22 @@ _MISSING = object()
 
 def _parts(value) -> list[np.ndarray]:
     """An output as a flat list of arrays: a tensor is one part, a sequence its elements, an empty
-    optional none."""
+    optional none, a map one row [1, n] of its values in key order (a ZipMap's class probabilities,
+    which top-1 agreement then applies to; the keys are compared apart, see `_map_keys`)."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
         return [part for item in value for part in _parts(item)]
+    if isinstance(value, dict):
+        return [np.asarray([value[k] for k in sorted(value)])[None]]
     return [np.asarray(value)]
+
+
+def _map_keys(value) -> list[tuple]:
+    """The keys of every map in an output, in `_parts` order (none for tensors)."""
+    if isinstance(value, (list, tuple)):
+        return [keys for item in value for keys in _map_keys(item)]
+    return [tuple(sorted(value))] if isinstance(value, dict) else []
 
 
 def _compare_output(name: str, refs: list, cands: list) -> OutputDiff:
@@ -97,6 +107,8 @@ def _compare_output(name: str, refs: list, cands: list) -> OutputDiff:
         if cand_value is _MISSING:
             return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch="output missing")
         ref_parts, cand_parts = _parts(ref_value), _parts(cand_value)
+        if _map_keys(ref_value) != _map_keys(cand_value):
+            return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch="the keys of its maps changed")
         if len(ref_parts) != len(cand_parts):
             return OutputDiff(name, float("inf"), float("inf"), None, None, shape_mismatch=f"{len(ref_parts)} tensors became {len(cand_parts)}")
         for ref, cand in zip(ref_parts, cand_parts):

@@ -100,6 +100,26 @@ def test_sequence_and_optional_outputs_compare_element_by_element():
     assert "output missing" in validate.lossless_violation(validate.compare(ref, [{"o": None}]), ref)
 
 
+def _zipmap(rows: list[list[float]], labels=(0, 1, 2)) -> list[dict]:
+    """What onnxruntime returns for a ZipMap output (scikit-learn classifiers): one {label: probability}
+    map per sample."""
+    return [{label: float(p) for label, p in zip(labels, row)} for row in rows]
+
+
+def test_map_outputs_compare_their_values_as_class_scores_and_their_keys_exactly():
+    ref = [{"probs": _zipmap([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])}]
+    close = [{"probs": _zipmap([[0.69, 0.21, 0.1], [0.1, 0.31, 0.59]])}]
+    flipped = [{"probs": _zipmap([[0.3, 0.6, 0.1], [0.1, 0.3, 0.6]])}]
+    relabelled = [{"probs": _zipmap([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], labels=(0, 1, 5))}]
+    d = validate.compare(ref, close)["probs"]
+    assert not d.exact_kind and d.top1 == 1.0 and d.cosine > 0.999 and abs(d.max_abs - 0.01) < 1e-9
+    assert validate.Budget().violation(ref, close) is None
+    assert validate.compare(ref, flipped)["probs"].top1 == 0.5
+    assert "top-1 agreement 0.5000" in validate.Budget(min_cosine=0.0).violation(ref, flipped)
+    assert validate.Budget().violation(ref, relabelled) == "output 'probs': the keys of its maps changed"
+    assert validate.lossless_violation(validate.compare(ref, ref), ref) is None
+
+
 def _outputs(values: list[np.ndarray], name: str = "y") -> list[dict[str, np.ndarray]]:
     return [{name: v} for v in values]
 
