@@ -155,15 +155,11 @@ def optimize(
     )
     pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget, strict=strict, rounding_floor=rounding_floor, latency_guard=latency_guard)
     label = f"{len(validation.feeds)} validation feeds from {validation.source}"
-    synthesized = feeds.source == data_mod.SYNTHESIZED
     try:
         optimized, report = pipeline.run(model, ctx, label)
     except UserError as exc:
-        if not synthesized:
-            raise
-        shapes_text = ", ".join(f"{name} {list(value.shape)}" for name, value in used.feeds[0].items())
-        raise UserError(f"{exc}\nthe feeds were synthesized ({shapes_text}): give real inputs with --data, or other dims with --shape NAME=DIMS") from exc
-    if lossy and synthesized:
+        raise data_mod.explained(exc, used) from exc
+    if lossy and feeds.source == data_mod.SYNTHESIZED:
         report.notes.append("lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result")
     report.notes.extend(notes)
     if metric is not None and validation.labels is not None:

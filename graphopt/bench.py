@@ -66,9 +66,12 @@ def bench(
         start = timer()
         sessions.append(runtime.session(model, settings, what=label))
         timings.append(Timing(label, timer() - start, []))
-    for sess in sessions:
-        for k in range(warmup):
-            runtime.run(sess, feeds[k % len(feeds)])
+    for (label, _), sess in zip(models, sessions):
+        try:  # a model that cannot run fails here, before any timing
+            for k in range(max(warmup, 1)):
+                runtime.run(sess, feeds[k % len(feeds)])
+        except Exception as exc:
+            raise runtime.run_failure(label, exc) from exc
     order = list(range(len(models)))
     for r in range(rounds):
         feed = feeds[r % len(feeds)]

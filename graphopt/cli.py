@@ -175,7 +175,10 @@ def _inspect(args) -> int:
 def _bench(args) -> int:
     loaded = [(path, model.load(path)) for path in args.models]
     feeds = _feeds(args, loaded[0][1])
-    timings = bench.bench(loaded, feeds.feeds, threads=args.threads, level=args.level, warmup=args.warmup, rounds=args.rounds)
+    try:
+        timings = bench.bench(loaded, feeds.feeds, threads=args.threads, level=args.level, warmup=args.warmup, rounds=args.rounds)
+    except UserError as exc:
+        raise data.explained(exc, feeds) from exc
     if args.json:
         print(json.dumps([t.as_dict() for t in timings], indent=2))
     else:
@@ -186,10 +189,14 @@ def _bench(args) -> int:
 
 def _compare(args) -> int:
     ref_model, cand_model = model.load(args.reference), model.load(args.candidate)
-    feeds = _feeds(args, ref_model).feeds[: args.max_feeds]
+    given = _feeds(args, ref_model)
+    feeds = given.feeds[: args.max_feeds]
     settings = runtime.RuntimeSettings(level="disable_all")
-    ref = runtime.run_all(ref_model, feeds, settings, what=args.reference)
-    cand = runtime.run_all(cand_model, feeds, settings, what=args.candidate)
+    try:
+        ref = runtime.run_all(ref_model, feeds, settings, what=args.reference)
+        cand = runtime.run_all(cand_model, feeds, settings, what=args.candidate)
+    except UserError as exc:
+        raise data.explained(exc, given) from exc
     diffs = validate.compare(ref, cand)
     if args.json:
         print(json.dumps({k: v.as_dict() for k, v in diffs.items()}, indent=2))

@@ -133,7 +133,12 @@ def run_all(model: onnx.ModelProto | str, feeds: list[dict[str, np.ndarray]], se
     try:
         return [run(sess, f) for f in feeds]
     except Exception as exc:
-        raise UserError(f"onnxruntime failed to run {what}: {_first_line(exc)}") from exc
+        raise run_failure(what, exc) from exc
+
+
+def run_failure(what: str, exc: Exception) -> UserError:
+    """The error for a model that onnxruntime loaded but could not run on a feed."""
+    return UserError(f"onnxruntime failed to run {what}: {_first_line(exc)}")
 
 
 def _first_line(exc: Exception) -> str:

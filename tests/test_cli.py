@@ -103,6 +103,26 @@ def test_model_onnxruntime_cannot_load_exits_2(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["optimize", "bench", "compare"])
+def test_a_model_that_fails_on_synthesized_feeds_exits_2_and_says_what_was_synthesized(tmp_path, capsys, command):
+    """x[n] -> Reshape to [2, 4] -> y: the synthesized x has one value, which does not fit; each command
+    that runs the model says so and how to give it inputs that fit."""
+    shape = numpy_helper.from_array(np.array([2, 4], np.int64), "shape")
+    m = make_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [shape],
+    )
+    path = str(model_io.save(m, tmp_path / "m.onnx"))
+    args = {"optimize": ["optimize", path, "-o", str(tmp_path / "out.onnx")], "bench": ["bench", path, path], "compare": ["compare", path, path]}[command]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"graphopt {command}: error: onnxruntime failed to run" in err
+    assert "the feeds were synthesized (x [1]): give real inputs with --data, or other dims with --shape NAME=DIMS" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_mismatched_feeds_exit_2(tmp_path, model_path, capsys):
     feeds = tmp_path / "feeds.npz"
     np.savez(feeds, x=np.zeros((2, 3, 8, 8), np.float64))
