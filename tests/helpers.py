@@ -27,6 +27,18 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET, **gr
     return model
 
 
+def reshape_to_2x4_model() -> onnx.ModelProto:
+    """x[n] (n unknown) -> Reshape to [2, 4] -> y: runs only on feeds of 8 values, so synthesized feeds
+    (one value: an unknown axis 0 is 1) make it fail."""
+    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [2, 4])
+    return make_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+        [shape],
+    )
+
+
 def seeded_feeds(model: onnx.ModelProto, n: int = 2, seed: int = 0, dims: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
     """Random float feeds for every graph input that is not an initializer; symbolic dims from `dims` (default 2)."""
     rng = np.random.default_rng(seed)

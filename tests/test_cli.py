@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt import cli
 from graphopt import model as model_io
 
-from tests.helpers import make_model
+from tests.helpers import make_model, reshape_to_2x4_model
 
 
 def conv_bn_model() -> onnx.ModelProto:
@@ -105,16 +105,8 @@ def test_model_onnxruntime_cannot_load_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["optimize", "bench", "compare"])
 def test_a_model_that_fails_on_synthesized_feeds_exits_2_and_says_what_was_synthesized(tmp_path, capsys, command):
-    """x[n] -> Reshape to [2, 4] -> y: the synthesized x has one value, which does not fit; each command
-    that runs the model says so and how to give it inputs that fit."""
-    shape = numpy_helper.from_array(np.array([2, 4], np.int64), "shape")
-    m = make_model(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-        [shape],
-    )
-    path = str(model_io.save(m, tmp_path / "m.onnx"))
+    """Each command that runs the model says the synthesized feeds do not fit it, and how to give ones that do."""
+    path = str(model_io.save(reshape_to_2x4_model(), tmp_path / "m.onnx"))
     args = {"optimize": ["optimize", path, "-o", str(tmp_path / "out.onnx")], "bench": ["bench", path, path], "compare": ["compare", path, path]}[command]
     assert cli.main(args) == 2
     err = capsys.readouterr().err

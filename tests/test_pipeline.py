@@ -16,7 +16,7 @@ from graphopt.activations import ActivationCache
 from graphopt.passes_base import Pass, PassContext, PassResult
 from graphopt.pipeline import Pipeline
 
-from tests.helpers import make_model, ort_outputs, seeded_feeds, stub_latency
+from tests.helpers import make_model, ort_outputs, reshape_to_2x4_model, seeded_feeds, stub_latency
 
 
 def relu_neg_model() -> onnx.ModelProto:
@@ -601,14 +601,7 @@ def test_the_report_says_when_lossy_passes_saw_only_synthesized_feeds(data):
 
 
 def test_a_model_that_fails_on_synthesized_feeds_is_told_to_give_data():
-    """x[n] -> Reshape to [2, 4] -> y: the synthesized x has one value (axis 0 of unknown size is 1)."""
-    shape = numpy_helper.from_array(np.array([2, 4], np.int64), "shape")
-    model = make_model(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-        [shape],
-    )
+    model = reshape_to_2x4_model()
     with pytest.raises(graphopt.UserError) as caught:
         graphopt.optimize(model)
     assert str(caught.value).startswith("onnxruntime failed to run the input model: ")
