@@ -1,4 +1,4 @@
-"""quantize-weights: weight-only int4/int8 quantization of MatMul/Gemm/Conv weights and Gather tables, for size.
+"""quantize-weights: weight-only int4/int8 quantization of MatMul/Gemm/Conv/LSTM/GRU/RNN weights and Gather tables, for size.
 
 Activations stay float; only constant weights are stored as integers plus scales. Rewrites (main graph):
   MatMul(x, W [K, N]) => MatMul(x, DequantizeLinear(W_q, scales, block_size along K))   format dequantize
@@ -11,6 +11,9 @@ Activations stay float; only constant weights are stored as integers plus scales
   Conv(x, W [M, C/group, k...]) => Conv(x, Reshape(restored W as [M, C/group * k...]))   formats dequantize /
     folded (any format name: MatMulNBits has no Conv form); blocks along the flattened kernel, per-channel
     scales per output channel; rounded to nearest (GPTQ would need the unfolded image patches)
+  LSTM/GRU/RNN(x, W [D, G*H, I], R [D, G*H, H]) => the same with restored W and R, each quantized as its
+    [D*G*H, I or H] view (blocks along the last axis, one scale per gate row), Reshape back; formats
+    dequantize / folded, rounded to nearest
   Gather(T [V, D], ids, axis 0) => Gather(restored T, ids), blocks along D   formats dequantize / folded
   Gather(T [V, D], ids, axis 0) => com.microsoft.GatherBlockQuantized(T_q, ids, scales)   format matmulnbits
   MatMul/Gemm(x, Transpose(W)) (a tied embedding after fold-shared-weights) => the transposed weight's
@@ -32,13 +35,14 @@ Refused (in `refused`, weight left float):
   a node whose name matches `keep_float` (a regular expression): it reads its weight float (a weight it
     shares with other nodes is quantized for them, and the float copy stays in the file)
   a weight computed from constants at run time (run fold-constants first) or overridable by a graph input
-  weights that are not float32, not 2-D (a Conv kernel: rank >= 3), or smaller than min_weight_elements
+  weights that are not float32, not 2-D (a Conv kernel: rank >= 3; a recurrent W or R: rank 3), or smaller
+    than min_weight_elements
   Gather on an axis other than 0
   a weight whose readers need different reduction axes (e.g. a Gather table also read as MatMul's [K, N])
 MatMul/Gemm/Gather/Conv whose operand is an activation are not weights and are not listed, nor is a weight
 already quantized (restored by a DequantizeLinear or a Cast of integers: another quantization pass's work).
 Subgraphs (If/Loop/Scan bodies) are left float: their weights are not looked at (the notes say how many
-MatMul/Gemm/Conv/Gather nodes that leaves).
+weight-reading nodes that leaves).
 """
 
 from __future__ import annotations
@@ -79,12 +83,17 @@ METHODS = ("rtn", "gptq")
 FLOAT = 0  # bits of a weight left float
 
 
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
 @dataclass
 class _Use:
-    """One reader of a weight: a MatMul/Gemm/Gather, possibly through a Transpose of the weight."""
+    """One reader of a weight: a MatMul/Gemm/Gather/Conv/recurrent node, possibly through a Transpose of
+    the weight; `slot` is the input it reads the weight at."""
 
     node: onnx.NodeProto
     transpose: onnx.NodeProto | None = None
+    slot: int = 1
 
     @property
     def gather(self) -> bool:
@@ -99,14 +108,15 @@ class _Weight:
     value: np.ndarray
     axis: int
     uses: list[_Use] = field(default_factory=list)
-    shape: tuple[int, ...] | None = None  # a Conv kernel's own shape; `value` is its [M, C/group * k...] view
+    shape: tuple[int, ...] | None = None  # a Conv kernel's or recurrent weight's own shape; `value` is a 2-D view
 
     @property
     def table(self) -> bool:
         return any(u.gather for u in self.uses)
 
     @property
-    def conv(self) -> bool:
+    def reshaped(self) -> bool:
+        """Quantized as a 2-D view of the stored tensor, restored by a Reshape back."""
         return self.shape is not None
 
     def as_kn(self, array: np.ndarray) -> np.ndarray:
@@ -118,7 +128,7 @@ class _Weight:
 @dataclass
 class QuantizeWeights(Pass):
     name = "quantize-weights"
-    description = "weight-only int4/int8 (blockwise or per channel) for MatMul/Gemm/Conv weights and Gather tables, for size"
+    description = "weight-only int4/int8 (blockwise or per channel) for MatMul/Gemm/Conv/LSTM/GRU/RNN weights and Gather tables, for size"
     lossless = False
     claims = "size"
     fits_budget = True
@@ -242,7 +252,7 @@ def _bodies_note(model: onnx.ModelProto, embeddings: bool) -> list[str]:
     """What this pass leaves float inside If/Loop/Scan bodies, as a note (none when there is none)."""
     graphs = list(iter_graphs(model.graph))
     consts = set().union(*(constant_names(g) for g in graphs))  # a body may read a constant of the graph around it
-    inside = Counter(n.op_type for g in graphs[1:] for n in g.node if _reads_weight_kind(n, embeddings) and n.input[0 if n.op_type == "Gather" else 1] in consts)
+    inside = Counter(n.op_type for g in graphs[1:] for n in g.node if _reads_weight_kind(n, embeddings) and any(n.input[k] in consts for k in _weight_slots(n) if k < len(n.input)))
     if not inside:
         return []
     ops = ", ".join(f"{op} {k}" for op, k in sorted(inside.items()))
@@ -251,7 +261,14 @@ def _bodies_note(model: onnx.ModelProto, embeddings: bool) -> list[str]:
 
 def _reads_weight_kind(node: onnx.NodeProto, embeddings: bool) -> bool:
     """A node of a kind this pass quantizes the weight of (whether its operand is a weight or not)."""
-    return node.domain in STANDARD_DOMAINS and node.op_type in ("MatMul", "Gemm", "Conv") + (("Gather",) if embeddings else ())
+    return node.domain in STANDARD_DOMAINS and node.op_type in ("MatMul", "Gemm", "Conv", *RECURRENT_OPS) + (("Gather",) if embeddings else ())
+
+
+def _weight_slots(node: onnx.NodeProto) -> tuple[int, ...]:
+    """The inputs of `node` that hold weights: a table's 0, a recurrent node's W and R, else B/W at 1."""
+    if node.op_type == "Gather":
+        return (0,)
+    return (1, 2) if node.op_type in RECURRENT_OPS else (1,)
 
 
 def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, keep: KeepFloat) -> tuple[dict[str, _Weight], list[str], int]:
@@ -270,27 +287,27 @@ def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, k
             refused.append(f"{_label(node)}: {keep.reason()}")
             requested += 1
             continue
-        slot = 0 if node.op_type == "Gather" else 1
-        name, transpose = node.input[slot], None
-        if name not in consts:
-            transpose = _transposed_constant(made_by.get(name), consts) if node.op_type in ("MatMul", "Gemm") else None
-            if transpose is None:
-                reason = _computed_reason(graph, name, made_by.get(name), consts)
-                if reason:
-                    refused.append(f"{_label(node)}: {reason}")
+        for slot in _weight_slots(node):
+            name, transpose = node.input[slot], None
+            if name not in consts:
+                transpose = _transposed_constant(made_by.get(name), consts) if node.op_type in ("MatMul", "Gemm") else None
+                if transpose is None:
+                    reason = _computed_reason(graph, name, made_by.get(name), consts)
+                    if reason:
+                        refused.append(f"{_label(node)}: {reason}")
+                    continue
+                name = transpose.input[0]
+            value = weight(graph, name)
+            reason = _weight_problem(node, name, value, min_elements)
+            if reason:
+                refused.append(f"{_label(node)}: {reason}")
                 continue
-            name = transpose.input[0]
-        value = weight(graph, name)
-        reason = _weight_problem(node, name, value, min_elements)
-        if reason:
-            refused.append(f"{_label(node)}: {reason}")
-            continue
-        axis = _reduction_axis(node, transpose)
-        shape = value.shape if node.op_type == "Conv" else None
-        entry = found.setdefault(name, _Weight(name, value.reshape(value.shape[0], -1) if shape else value, axis, shape=shape))
-        if entry.axis != axis or entry.shape != shape:
-            conflicts.add(name)
-        entry.uses.append(_Use(node, transpose))
+            axis = _reduction_axis(node, transpose)
+            shape = value.shape if node.op_type == "Conv" or node.op_type in RECURRENT_OPS else None
+            entry = found.setdefault(name, _Weight(name, _view(node, value) if shape else value, axis, shape=shape))
+            if entry.axis != axis or entry.shape != shape:
+                conflicts.add(name)
+            entry.uses.append(_Use(node, transpose, slot))
     for name in sorted(conflicts):
         refused.append(f"weight {name!r}: its readers need it quantized along different axes ({', '.join(_label(u.node) for u in found.pop(name).uses)})")
     return found, refused, requested
@@ -321,7 +338,9 @@ def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, m
         return f"weight {name!r} is {value.dtype}; only float32 weights are quantized"
     if node.op_type == "Conv" and value.ndim < 3:
         return f"Conv weight {name!r} has rank {value.ndim}; a kernel has rank 3 or more"
-    if node.op_type != "Conv" and value.ndim != 2:
+    if node.op_type in RECURRENT_OPS and value.ndim != 3:
+        return f"{node.op_type} weight {name!r} has rank {value.ndim}; W and R have rank 3"
+    if node.op_type not in ("Conv", *RECURRENT_OPS) and value.ndim != 2:
         return f"weight {name!r} has rank {value.ndim}; only 2-D weights are quantized"
     if value.size < min_elements:
         return f"weight {name!r} has {value.size} elements < min_weight_elements={min_elements}"
@@ -330,10 +349,16 @@ def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, m
     return None
 
 
+def _view(node: onnx.NodeProto, value: np.ndarray) -> np.ndarray:
+    """The 2-D view a kernel is quantized as: a Conv's [M, C/group * k...], a recurrent W's or R's
+    [D * gates * H, I or H] (each gate row of each direction is an output channel)."""
+    return value.reshape(value.shape[0], -1) if node.op_type == "Conv" else value.reshape(-1, value.shape[-1])
+
+
 def _reduction_axis(node: onnx.NodeProto, transpose: onnx.NodeProto | None) -> int:
     """The stored weight's axis that the reader sums over (a table's: its rows' elements, axis 1; a Conv
-    kernel's: axis 1 of its [M, C/group * k...] view)."""
-    if node.op_type in ("Gather", "Conv"):
+    kernel's or recurrent weight's: axis 1 of its 2-D view)."""
+    if node.op_type in ("Gather", "Conv", *RECURRENT_OPS):
         return 1
     axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
     return 1 - axis if transpose is not None else axis
@@ -348,9 +373,10 @@ def _label(node: onnx.NodeProto) -> str:
 
 def _hessians(model: onnx.ModelProto, weights: dict[str, _Weight], ctx: PassContext) -> dict[str, np.ndarray]:
     """H = 2 X^T X of each MatMul/Gemm weight's input over the calibration feeds, streamed one feed at a
-    time; weights read by several nodes sum their readers'. Tables (Gather) and Conv kernels (whose
-    X would be the unfolded image patches) have none: they are rounded to nearest."""
-    readers = {name: [(u.node.input[0], bool(attribute(u.node, "transA", 0))) for u in w.uses] for name, w in weights.items() if not w.table and not w.conv}
+    time; weights read by several nodes sum their readers'. Tables (Gather), Conv kernels (whose X would
+    be the unfolded image patches) and recurrent weights (whose X is each step's input and state) have
+    none: they are rounded to nearest."""
+    readers = {name: [(u.node.input[0], bool(attribute(u.node, "transA", 0))) for u in w.uses] for name, w in weights.items() if not w.table and not w.reshaped}
     keys = list(dict.fromkeys(key for pairs in readers.values() for key in pairs))
     if not keys or not ctx.calibration:
         return {}
@@ -434,7 +460,7 @@ class _Rewriter:
             if use.transpose is not None:
                 self.by_output[use.transpose.output[0]].input[0] = dq_out
             else:
-                node.input[0 if use.gather else 1] = dq_out
+                node.input[use.slot] = dq_out
 
     def finish(self, weights: dict[str, _Weight]) -> None:
         nodes = self.builder.new_nodes + [self.replaced.get(n.output[0] if n.output else "", n) for n in self.graph.node]
@@ -445,8 +471,8 @@ class _Rewriter:
             ensure_domain(self.model, MS_DOMAIN)
 
     def _as_kernel(self, w: _Weight, restored: str) -> str:
-        """The restored weight in its stored shape: a Conv kernel is quantized as a 2-D view."""
-        if not w.conv:
+        """The restored weight in its stored shape: a Conv kernel or recurrent weight is quantized as a 2-D view."""
+        if not w.reshaped:
             return restored
         shape = self.builder.initializer(f"{_hint(w.name)}_kernel_shape", np.array(w.shape, np.int64))
         out = self.builder.names(f"{_hint(w.name)}_kernel")
@@ -585,7 +611,7 @@ def _contrib_possible(graph: onnx.GraphProto, w: _Weight, use: _Use, q: Quantize
     """Whether this reader can take the weight as MatMulNBits / GatherBlockQuantized. A tied table's
     MatMul reads the Gather's int4 tensor through DequantizeLinear (stored once); with 8 bits both go
     through DequantizeLinear. A Gemm needs transA=0, alpha=beta=1 and C absent or a constant [N]."""
-    if w.conv or not q.block_size or q.block_size < 16 or q.block_size & (q.block_size - 1):
+    if w.reshaped or not q.block_size or q.block_size < 16 or q.block_size & (q.block_size - 1):
         return False
     if w.table and not all(u.gather for u in w.uses):
         return use.gather and q.bits == 4
@@ -624,7 +650,8 @@ def _counts(levels: dict[str, int], saved: int) -> dict[str, int]:
 
 
 def _details(weights: dict[str, _Weight], levels: dict[str, int], fmt: str, fallback: dict[str, str]) -> dict:
-    quantized = Counter(u.node.op_type for name, w in weights.items() if levels[name] != FLOAT for u in w.uses)
+    readers = {id(u.node): u.node for name, w in weights.items() if levels[name] != FLOAT for u in w.uses}  # a recurrent node reads two
+    quantized = Counter(node.op_type for node in readers.values())
     return {
         "quantized": dict(quantized),
         "bits": {name: levels[name] for name in weights},

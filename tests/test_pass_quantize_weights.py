@@ -530,3 +530,45 @@ def test_nodes_inside_bodies_stay_float_and_the_notes_say_so():
     then_branch = next(a.g for a in after.graph.node[-1].attribute if a.name == "then_branch")
     assert [n.op_type for n in then_branch.node] == ["MatMul"] and then_branch.initializer[0].data_type == TP.FLOAT
     assert_close(model, after, float_feeds(model), rtol=0.02)
+
+
+def recurrent_model(op="LSTM", hidden=16, inputs=32, gates=4):
+    """x [T=5, 1, inputs] -> bidirectional op(W [2, gates*hidden, inputs], R [2, gates*hidden, hidden], B) -> y"""
+    w = RNG.standard_normal((2, gates * hidden, inputs)).astype(np.float32) * 0.3
+    r = RNG.standard_normal((2, gates * hidden, hidden)).astype(np.float32) * 0.3
+    b = RNG.standard_normal((2, 2 * gates * hidden)).astype(np.float32) * 0.1
+    node = helper.make_node(op, ["x", "W", "R", "B"], ["y"], name="rnn", hidden_size=hidden, direction="bidirectional")
+    return make_model([node], [vi("x", [5, 1, inputs])], [vi("y", [5, 2, 1, hidden])], [init("W", w), init("R", r), init("B", b)])
+
+
+@pytest.mark.parametrize("op, gates", [("LSTM", 4), ("GRU", 3)])
+@pytest.mark.parametrize("fmt", ["dequantize", "folded"])
+def test_recurrent_weights_are_quantized_as_rows_of_gates_and_reshaped_back(op, gates, fmt):
+    """op(x, W, R) => op(x, Reshape(restored W), Reshape(restored R)): each is quantized as its
+    [2 * gates * hidden, inputs or hidden] view, blocks along the last axis, and the bias stays float."""
+    model = recurrent_model(op, gates=gates)
+    after, result = quantize(model, format=fmt, block_size=16)
+    assert result.changed and result.details["quantized"] == {op: 1}, "one node, two weights"
+    rnn = next(n for n in after.graph.node if n.op_type == op)
+    restored = {n.output[0]: n for n in after.graph.node}
+    for slot, name, last in ((1, "W", 32), (2, "R", 16)):
+        reshape = restored[rnn.input[slot]]
+        assert reshape.op_type == "Reshape"
+        assert list(constant_value(after.graph, reshape.input[1])) == [2, gates * 16, last]
+        assert result.details["bits"][name] == 4
+    assert rnn.input[3] == "B" and "W" not in initializer_types(after) and "R" not in initializer_types(after)
+    expected = {}
+    for name in ("W", "R"):
+        value = constant_value(model.graph, name)
+        expected[name] = quantize_blockwise(value.reshape(-1, value.shape[-1]), 1, 16).dequantized().reshape(value.shape)
+    assert_close(with_weights(model, expected), after, float_feeds(model), rtol=1e-5)
+
+
+def test_recurrent_weights_per_channel_int8_have_one_scale_per_gate_row():
+    model = recurrent_model("LSTM")
+    after, result = quantize(model, bits=8, block_size=0, format="dequantize")
+    assert result.details["quantized"] == {"LSTM": 1}
+    dq = [n for n in after.graph.node if n.op_type == "DequantizeLinear"]
+    scales = sorted(constant_value(after.graph, n.input[1]).shape for n in dq)
+    assert scales == [(2 * 4 * 16,), (2 * 4 * 16,)], "one scale per output row of each direction and gate"
+    assert_close(model, after, float_feeds(model), rtol=0.05)
