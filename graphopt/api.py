@@ -155,10 +155,8 @@ def optimize(
     )
     pipeline = Pipeline(pass_list, fixed_point=fixed_point, budget=budget, strict=strict, rounding_floor=rounding_floor, latency_guard=latency_guard)
     label = f"{len(validation.feeds)} validation feeds from {validation.source}"
-    try:
+    with data_mod.explaining(used):
         optimized, report = pipeline.run(model, ctx, label)
-    except UserError as exc:
-        raise data_mod.explained(exc, used) from exc
     if lossy and feeds.source == data_mod.SYNTHESIZED:
         report.notes.append("lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result")
     report.notes.extend(notes)

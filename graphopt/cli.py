@@ -175,10 +175,8 @@ def _inspect(args) -> int:
 def _bench(args) -> int:
     loaded = [(path, model.load(path)) for path in args.models]
     feeds = _feeds(args, loaded[0][1])
-    try:
+    with data.explaining(feeds):
         timings = bench.bench(loaded, feeds.feeds, threads=args.threads, level=args.level, warmup=args.warmup, rounds=args.rounds)
-    except UserError as exc:
-        raise data.explained(exc, feeds) from exc
     if args.json:
         print(json.dumps([t.as_dict() for t in timings], indent=2))
     else:
@@ -192,11 +190,9 @@ def _compare(args) -> int:
     given = _feeds(args, ref_model)
     feeds = given.feeds[: args.max_feeds]
     settings = runtime.RuntimeSettings(level="disable_all")
-    try:
+    with data.explaining(given):
         ref = runtime.run_all(ref_model, feeds, settings, what=args.reference)
         cand = runtime.run_all(cand_model, feeds, settings, what=args.candidate)
-    except UserError as exc:
-        raise data.explained(exc, given) from exc
     diffs = validate.compare(ref, cand)
     if args.json:
         print(json.dumps({k: v.as_dict() for k, v in diffs.items()}, indent=2))

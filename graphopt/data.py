@@ -14,6 +14,7 @@ is 1 and any other symbolic dim is 32.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,13 +246,17 @@ def _dims_text(dims) -> str:
     return "[" + ", ".join(str(d) if d is not None else "?" for d in dims) + "]"
 
 
-def explained(error: UserError, feeds: FeedSet) -> UserError:
-    """`error` (a model failing on `feeds`), saying which shapes were made up when the feeds were
-    synthesized: the usual cause is a model that needs other shapes or values than the defaults."""
-    if feeds.source != SYNTHESIZED or not feeds.feeds:
-        return error
-    shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.feeds[0].items())
-    return UserError(f"{error}\nthe feeds were synthesized ({shapes}): give real inputs with --data, or other dims with --shape NAME=DIMS")
+@contextmanager
+def explaining(feeds: FeedSet):
+    """Runs of a model on `feeds` inside this block that fail (a UserError) say which shapes were made up
+    when the feeds were synthesized: the usual cause is a model that needs other shapes or values."""
+    try:
+        yield
+    except UserError as error:
+        if feeds.source != SYNTHESIZED or not feeds.feeds:
+            raise
+        shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.feeds[0].items())
+        raise UserError(f"{error}\nthe feeds were synthesized ({shapes}): give real inputs with --data, or other dims with --shape NAME=DIMS") from error
 
 
 def feed_set(data, model: onnx.ModelProto, *, count: int = 4, seed: int = 0, shapes: dict[str, list[int]] | None = None, batch: int = 1, ignore: tuple[str, ...] = ()) -> FeedSet:

@@ -84,6 +84,7 @@ FLOAT = 0  # bits of a weight left float
 
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+VIEWED_OPS = ("Conv", *RECURRENT_OPS)  # their weights are quantized as a 2-D view and reshaped back
 
 
 @dataclass
@@ -252,7 +253,7 @@ def _bodies_note(model: onnx.ModelProto, embeddings: bool) -> list[str]:
     """What this pass leaves float inside If/Loop/Scan bodies, as a note (none when there is none)."""
     graphs = list(iter_graphs(model.graph))
     consts = set().union(*(constant_names(g) for g in graphs))  # a body may read a constant of the graph around it
-    inside = Counter(n.op_type for g in graphs[1:] for n in g.node if _reads_weight_kind(n, embeddings) and any(n.input[k] in consts for k in _weight_slots(n) if k < len(n.input)))
+    inside = Counter(n.op_type for g in graphs[1:] for n in g.node if _reads_weight_kind(n, embeddings) and any(n.input[k] in consts for k in _weight_slots(n)))
     if not inside:
         return []
     ops = ", ".join(f"{op} {k}" for op, k in sorted(inside.items()))
@@ -261,7 +262,7 @@ def _bodies_note(model: onnx.ModelProto, embeddings: bool) -> list[str]:
 
 def _reads_weight_kind(node: onnx.NodeProto, embeddings: bool) -> bool:
     """A node of a kind this pass quantizes the weight of (whether its operand is a weight or not)."""
-    return node.domain in STANDARD_DOMAINS and node.op_type in ("MatMul", "Gemm", "Conv", *RECURRENT_OPS) + (("Gather",) if embeddings else ())
+    return node.domain in STANDARD_DOMAINS and node.op_type in ("MatMul", "Gemm", *VIEWED_OPS) + (("Gather",) if embeddings else ())
 
 
 def _weight_slots(node: onnx.NodeProto) -> tuple[int, ...]:
@@ -303,7 +304,7 @@ def _find_weights(graph: onnx.GraphProto, embeddings: bool, min_elements: int, k
                 refused.append(f"{_label(node)}: {reason}")
                 continue
             axis = _reduction_axis(node, transpose)
-            shape = value.shape if node.op_type == "Conv" or node.op_type in RECURRENT_OPS else None
+            shape = value.shape if node.op_type in VIEWED_OPS else None
             entry = found.setdefault(name, _Weight(name, _view(node, value) if shape else value, axis, shape=shape))
             if entry.axis != axis or entry.shape != shape:
                 conflicts.add(name)
@@ -340,7 +341,7 @@ def _weight_problem(node: onnx.NodeProto, name: str, value: np.ndarray | None, m
         return f"Conv weight {name!r} has rank {value.ndim}; a kernel has rank 3 or more"
     if node.op_type in RECURRENT_OPS and value.ndim != 3:
         return f"{node.op_type} weight {name!r} has rank {value.ndim}; W and R have rank 3"
-    if node.op_type not in ("Conv", *RECURRENT_OPS) and value.ndim != 2:
+    if node.op_type not in VIEWED_OPS and value.ndim != 2:
         return f"weight {name!r} has rank {value.ndim}; only 2-D weights are quantized"
     if value.size < min_elements:
         return f"weight {name!r} has {value.size} elements < min_weight_elements={min_elements}"
@@ -358,7 +359,7 @@ def _view(node: onnx.NodeProto, value: np.ndarray) -> np.ndarray:
 def _reduction_axis(node: onnx.NodeProto, transpose: onnx.NodeProto | None) -> int:
     """The stored weight's axis that the reader sums over (a table's: its rows' elements, axis 1; a Conv
     kernel's or recurrent weight's: axis 1 of its 2-D view)."""
-    if node.op_type in ("Gather", "Conv", *RECURRENT_OPS):
+    if node.op_type == "Gather" or node.op_type in VIEWED_OPS:
         return 1
     axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
     return 1 - axis if transpose is not None else axis
