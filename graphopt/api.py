@@ -18,7 +18,7 @@ import onnx
 
 from graphopt import data as data_mod
 from graphopt import model as model_io
-from graphopt import runtime
+from graphopt import randomness, runtime
 from graphopt.activations import ActivationCache
 from graphopt.errors import UserError
 from graphopt.passes_base import Pass, PassContext, make_pass, presets, takes_option
@@ -127,6 +127,7 @@ def optimize(
     """
     if not isinstance(model, onnx.ModelProto):
         model = model_io.load(model)
+    model, deployed_note = randomness.as_deployed(model)
     pass_list = with_keep_float(resolve_passes(passes, preset), keep_float)
     feeds = data_mod.feed_set(data, model, count=4, seed=seed, shapes=shapes, batch=batch)
     used, notes = _capped(feeds, "data", max_feeds)
@@ -160,6 +161,8 @@ def optimize(
     if lossy and feeds.source == data_mod.SYNTHESIZED:
         report.notes.append("lossy passes were calibrated and validated on synthesized random feeds; give real data (--data) for a meaningful result")
     report.notes.extend(notes)
+    if deployed_note:
+        report.notes.insert(0, deployed_note)
     if metric is not None and validation.labels is not None:
         before = metric(runtime.run_all(model, validation.feeds, settings), validation.labels)
         after = metric(runtime.run_all(optimized, validation.feeds, settings), validation.labels)

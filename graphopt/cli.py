@@ -13,7 +13,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from graphopt import api, bench, data, inspect, model, runtime, validate
+from graphopt import api, bench, data, inspect, model, randomness, runtime, validate
 from graphopt.errors import UserError
 from graphopt.passes_base import presets, registry
 from graphopt.report import table
@@ -186,7 +186,10 @@ def _bench(args) -> int:
 
 
 def _compare(args) -> int:
-    ref_model, cand_model = model.load(args.reference), model.load(args.candidate)
+    ref_model, ref_note = randomness.as_deployed(model.load(args.reference), args.reference)
+    cand_model, cand_note = randomness.as_deployed(model.load(args.candidate), args.candidate)
+    for note in filter(None, (ref_note, cand_note)):
+        print(f"note: {note}", file=sys.stderr)
     given = _feeds(args, ref_model)
     feeds = given.feeds[: args.max_feeds]
     settings = runtime.RuntimeSettings(level="disable_all")
