@@ -4,7 +4,10 @@ Rewrites, in the main graph (q, k, v are [B, S, N, H] tensors the heads were spl
 additive mask, c constants of shape [] or [1]):
 
   Qh = q transposed to [B, N, S, H]         (Transposes composing to perm [0, 2, 1, 3], times or over c)
-  Kt = k transposed to [B, N, H, T]         (composing to [0, 2, 3, 1], e.g. [0, 2, 1, 3] then [0, 1, 3, 2])
+  Kt = k transposed to [B, N, H, T]         (composing to [0, 2, 3, 1], e.g. [0, 2, 1, 3] then [0, 1, 3, 2];
+                                             torch's dynamo export swaps the last two axes as Reshape to
+                                             [B*N, T, H], Transpose [0, 2, 1], Reshape to [B, N, H, T],
+                                             accepted when the observed shapes and constant targets say so)
   Vh = v transposed to [B, N, T, H]         (composing to [0, 2, 1, 3])
   P  = Softmax(MatMul(Qh, Kt) [times or over c] [+ M], axis=-1)   [then Where(IsNaN(P), 0, P)]
   out = Transpose(MatMul(P, Vh), perm=[0, 2, 1, 3])
@@ -14,10 +17,11 @@ additive mask, c constants of shape [] or [1]):
   out = Reshape(o, [0, 0, N, H])
 
 `out` keeps its name, so whatever merged the heads back (a Reshape to [B, S, N*H]) reads it unchanged. The
-forms covered are those of torch's scaled_dot_product_attention export (scale split as sqrt on Q and K,
-mask from Where(mask, 0, -inf), NaN guard) and of the eager BERT/HF form (K transposed twice, scores
-divided by sqrt(H), mask [B, 1, S, T] or the extended key mask [B, 1, 1, T]; the kernel wants the query
-axis in full, so the latter is expanded to [B, 1, S, T] by an Expand in front of it).
+forms covered are those of torch's scaled_dot_product_attention export, legacy and dynamo (scale split as
+sqrt on Q and K, mask from Where(mask, 0, -inf) or a constant bias, NaN guard), and of the eager BERT/HF
+form (K transposed twice, scores divided by sqrt(H), mask [B, 1, S, T] or the extended key mask
+[B, 1, 1, T]; the kernel wants the query axis in full, so the latter is expanded to [B, 1, S, T] by an
+Expand in front of it).
 
 Why: onnxruntime runs the spelled-out form as a dozen kernels per layer, two of them over the [B, N, S, T]
 score tensor besides Softmax (mask Add, NaN guard); its MultiHeadAttention kernel does the two batched
@@ -47,7 +51,7 @@ or Transpose on V. Subgraphs are not searched: their shapes are never observed.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -60,6 +64,7 @@ from graphopt.shapes import GraphFacts, all_graph_facts, show_dims
 
 Q_PERM = [0, 2, 1, 3]  # [B, S, N, H] -> [B, N, S, H], also V's, and the context's way back
 K_PERM = [0, 2, 3, 1]  # [B, T, N, H] -> [B, N, H, T]
+SWAP_PERM = [0, 1, 3, 2]  # what a batched swap (_batched_swap) does to its 4-D input
 
 
 @dataclass
@@ -71,6 +76,7 @@ class _Heads:
     scale: float
     nodes: list[onnx.NodeProto]  # the Transposes and scalings, removed with the pattern
     perms: dict[str, list[int]]  # every tensor on the way (source included) -> its perm of `source`
+    swaps: list[tuple[onnx.NodeProto, onnx.NodeProto]] = field(default_factory=list)  # see _batched_swap
 
 
 @dataclass
@@ -89,6 +95,7 @@ class _Attention:
     heads: int = 0
     v_head_size: int = 0
     expand_mask: bool = False  # the mask is [.., 1, T]: expanded over query positions for the kernel
+    swaps: list[tuple[onnx.NodeProto, onnx.NodeProto]] = field(default_factory=list)  # checked in _problem
 
 
 @register
@@ -179,11 +186,12 @@ def _match(graph: onnx.GraphProto, softmax: onnx.NodeProto, made_by, read_by) ->
     dims.update({name: ["B", "N", "S", "T"] for name in [*s.perms, *(o for n in mask_nodes + [softmax] + guard_nodes[1:] for o in n.output)]})
     dims[context.output[0]] = ["B", "N", "S", "Hv"]
     nodes = q.nodes + k.nodes + v.nodes + [product] + s.nodes + mask_nodes + [softmax] + guard_nodes + [context] + ([regroup] if regroup else []) + [back]
-    return _Attention(softmax.name or probs, q.source, k.source, v.source, mask, q.scale * k.scale * s.scale, guard, back.output[0], nodes, dims, regroup)
+    swaps = q.swaps + k.swaps + v.swaps + s.swaps
+    return _Attention(softmax.name or probs, q.source, k.source, v.source, mask, q.scale * k.scale * s.scale, guard, back.output[0], nodes, dims, regroup, swaps=swaps)
 
 
 def _heads(graph: onnx.GraphProto, name: str, made_by) -> _Heads:
-    perm, scale, nodes, perms = [0, 1, 2, 3], 1.0, [], {}
+    perm, scale, nodes, perms, swaps = [0, 1, 2, 3], 1.0, [], {}, []
     while True:
         perms[name] = perm
         node = made_by.get(name)
@@ -191,6 +199,12 @@ def _heads(graph: onnx.GraphProto, name: str, made_by) -> _Heads:
             inner = list(attribute(node, "perm"))
             perm = [inner[p] for p in perm]
             name = node.input[0]
+        elif (swap := _batched_swap(graph, node, made_by)) is not None:
+            first, middle = swap
+            perm = [SWAP_PERM[p] for p in perm]
+            name = first.input[0]
+            nodes += [first, middle]
+            swaps.append((first, node))
         elif is_op(node, "Mul") and (side := scalar_operand(graph, node)) is not None:
             scale *= scalar_constant(graph, node.input[side])
             name = node.input[1 - side]
@@ -201,7 +215,42 @@ def _heads(graph: onnx.GraphProto, name: str, made_by) -> _Heads:
             break
         nodes.append(node)
     # `perms` was filled from the end tensor back: each entry is its perm of the source once reversed
-    return _Heads(name, perm, scale, nodes, _relative_to_source(perms, perm))
+    return _Heads(name, perm, scale, nodes, _relative_to_source(perms, perm), swaps)
+
+
+def _batched_swap(graph: onnx.GraphProto, node: onnx.NodeProto | None, made_by) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """(first Reshape, Transpose) when `node` ends Reshape(Transpose(Reshape(x, [B*N, T, H]), [0, 2, 1]),
+    [B, N, H, T]) with constant targets: torch's dynamo export transposes K this way (the last two axes, with
+    the batch and head axes merged). That is Transpose(x, [0, 1, 3, 2]) when x is [B, N, T, H], which
+    _problem checks on the observed shapes (_swap_problem)."""
+    if not is_op(node, "Reshape") or len(node.input) < 2:
+        return None
+    middle = made_by.get(node.input[0])
+    if not is_op(middle, "Transpose") or list(attribute(middle, "perm", [])) != [0, 2, 1]:
+        return None
+    first = made_by.get(middle.input[0])
+    if not is_op(first, "Reshape") or len(first.input) < 2:
+        return None
+    targets = [constant_value(graph, n.input[1]) for n in (first, node)]
+    if any(t is None for t in targets) or [t.size for t in targets] != [3, 4]:
+        return None
+    return first, middle
+
+
+def _swap_problem(first: onnx.NodeProto, last: onnx.NodeProto, graph: onnx.GraphProto, facts: GraphFacts) -> str | None:
+    """Why Reshape(Transpose(Reshape(x, a), [0, 2, 1]), b) is not shown to be x with its last two axes
+    swapped: x must be [B, N, T, H] with N, T and H static, a = [B*N or -1, T, H], b = [B or -1, N, H, T]."""
+    why = f"the Reshape/Transpose/Reshape at {last.name or last.output[0]!r} is not shown to swap the last two axes"
+    dims = facts.shape(first.input[0])
+    if isinstance(dims, str) or len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        return f"{why}: {first.input[0]} has shape {dims if isinstance(dims, str) else show_dims(dims)}"
+    b, n, t, h = dims
+    a = [int(v) for v in constant_value(graph, first.input[1]).reshape(-1)]
+    c = [int(v) for v in constant_value(graph, last.input[1]).reshape(-1)]
+    merged = b * n if isinstance(b, int) else None
+    if a[0] not in (-1, merged) or a[1:] != [t, h] or c[0] not in (-1, b) or c[1:] != [n, h, t]:
+        return f"{why}: targets {a} and {c} on {show_dims(dims)}"
+    return None
 
 
 def _relative_to_source(walked: dict[str, list[int]], total: list[int]) -> dict[str, list[int]]:
@@ -218,6 +267,9 @@ def _relative_to_source(walked: dict[str, list[int]], total: list[int]) -> dict[
 
 def _problem(a: _Attention, graph: onnx.GraphProto, facts: GraphFacts, made_by, read_by, outputs: set[str]) -> str | None:
     """Why `a` cannot be fused, or None (and then its head count and V's head size are set)."""
+    for first, last in a.swaps:
+        if problem := _swap_problem(first, last, graph, facts):
+            return problem
     shapes = {}
     for name in (a.q, a.k, a.v):
         if facts.elem_types.get(name) != TensorProto.FLOAT:
@@ -241,7 +293,7 @@ def _problem(a: _Attention, graph: onnx.GraphProto, facts: GraphFacts, made_by, 
             if name in outputs or any(id(r) not in removed for r in read_by.get(name, [])):
                 return f"{name} is also read elsewhere or is a graph output"
     if a.mask:
-        return _mask_problem(a, facts)
+        return _mask_problem(a, graph, facts)
     return None
 
 
@@ -315,13 +367,15 @@ def symbolic_vector(graph: onnx.GraphProto, name: str, made_by, dims: dict[str, 
     return entries, nodes
 
 
-def _mask_problem(a: _Attention, facts: GraphFacts) -> str | None:
+def _mask_problem(a: _Attention, graph: onnx.GraphProto, facts: GraphFacts) -> str | None:
     """MultiHeadAttention's attention_bias must be float32 of shape [B or 1, N or 1, S, T] on every feed. A
     mask [.., 1, T] (the eager BERT extended mask) is accepted and expanded over the S query positions
-    first (Expand broadcasts, so that stays right on feeds where it would already be [.., S, T])."""
+    first (Expand broadcasts, so that stays right on feeds where it would already be [.., S, T]). A constant
+    mask (torch's dynamo export of a model without one folds to a [1, 1, S, T] bias) has its own shape."""
     if facts.elem_types.get(a.mask) != TensorProto.FLOAT:
         return f"the mask {a.mask} is not float32"
-    seen = facts.observe().get(a.mask) if facts.observe else None
+    constant = constant_value(graph, a.mask)
+    seen = {constant.shape} if constant is not None else facts.observe().get(a.mask) if facts.observe else None
     if not seen:
         return f"the mask {a.mask} was not observed (no calibration feeds)"
     observed = facts.observe()

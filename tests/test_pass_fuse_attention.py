@@ -249,3 +249,56 @@ def test_other_forms_are_not_matched():
     model.graph.node.insert(list(model.graph.node).index(softmax), helper.make_node("Mul", ["masked", "root"], ["rescaled"]))
     result = run_pass(FuseAttention(), model, self_feeds())
     assert not result.changed and not result.refused
+
+
+def dynamo_sdpa_model(merged: list[int], split: list[int], constant_mask: bool = False) -> onnx.ModelProto:
+    """sdpa_model as torch's dynamo exporter writes K^T: Transpose to [B, N, T, H], then Reshape to
+    `merged` ([B*N, T, H]), Transpose [0, 2, 1] and Reshape to `split` ([B, N, H, T]); static shapes. With
+    `constant_mask`, the mask is a causal [1, 1, S, S] initializer (a model without a mask input)."""
+    model = sdpa_model(mask_shape=(BATCH, 1, QUERIES, QUERIES), regroup=False)
+    nodes = list(model.graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.output[0] == "kt")
+    nodes[at : at + 1] = [
+        helper.make_node("Transpose", ["k4"], ["kh"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["kh", "merged"], ["k_merged"]),
+        helper.make_node("Transpose", ["k_merged"], ["k_merged_t"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["k_merged_t", "split_back"], ["kt"], name="split_back"),
+    ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend([const("merged", merged, np.int64), const("split_back", split, np.int64)])
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", F, [BATCH, QUERIES, HIDDEN]))
+    if constant_mask:
+        model.graph.input.pop()
+        causal = np.triu(np.full((QUERIES, QUERIES), -np.inf, np.float32), 1)[None, None]
+        model.graph.initializer.append(const("mask", causal))
+    return model
+
+
+def test_torch_dynamo_form_with_k_transposed_through_merged_heads_is_fused():
+    """Before, the Reshape/Transpose/Reshape on K (heads merged into the batch axis) was not seen through."""
+    model = dynamo_sdpa_model([BATCH * HEADS, QUERIES, HEAD], [BATCH, HEADS, HEAD, QUERIES])
+    result = fuse(model, self_feeds())
+    assert result.counts["attention_fused"] == 1
+    assert "Softmax" not in op_types(model) and "Transpose" not in op_types(model)
+    assert attention_node(model).input[5] == "mask"
+
+
+def test_a_constant_mask_is_taken_with_its_own_shape():
+    """Before: "the mask mask was not observed" (initializers are not among the observed activations)."""
+    model = dynamo_sdpa_model([-1, QUERIES, HEAD], [-1, HEADS, HEAD, QUERIES], constant_mask=True)
+    feeds = [{"x": f["x"]} for f in self_feeds()]
+    result = fuse(model, feeds)
+    assert result.counts["attention_fused"] == 1 and attention_node(model).input[5] == "mask"
+
+
+def test_a_merged_transpose_that_does_not_swap_the_last_two_axes_is_refused():
+    """K [B, N, T, H] reshaped to [B*N, H, T] (a reinterpretation, not a transpose), then transposed and
+    reshaped to [B, N, H, T]: the model runs, but its scores are not Q K^T."""
+    model = dynamo_sdpa_model([BATCH * HEADS, HEAD, QUERIES], [BATCH, HEADS, HEAD, QUERIES])
+    result = run_pass(FuseAttention(), model, self_feeds())
+    assert not result.changed and "MultiHeadAttention" not in op_types(model)
+    assert result.refused == [
+        "attention at 'softmax': the Reshape/Transpose/Reshape at 'split_back' is not shown to swap the last two axes: "
+        f"targets {[BATCH * HEADS, HEAD, QUERIES]} and {[BATCH, HEADS, HEAD, QUERIES]} on [{BATCH}, {HEADS}, {QUERIES}, {HEAD}]"
+    ]
