@@ -15,21 +15,17 @@ import onnx
 from onnx import numpy_helper
 
 from graphopt.errors import UserError
-from graphopt.graph import STANDARD_DOMAINS, consumers, copy_model, default_opset, iter_graphs, output_names, producers
+from graphopt.graph import STANDARD_DOMAINS, consumers, copy_model, iter_graphs, output_names, producers
 
 RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
-TRAINING_MODE_OPSET = 12  # Dropout's training_mode input
 
 
 def as_deployed(model: onnx.ModelProto, what: str = "the input model") -> tuple[onnx.ModelProto, str | None]:
     """`model` itself when nothing in it is random, else a copy with its training-mode Dropouts in inference
     mode (the model onnxruntime deploys) and a note naming them. Raises UserError for a node that stays
     random whatever the optimization level."""
-    if (default_opset(model) or 0) < TRAINING_MODE_OPSET:
-        training: list[str] = []
-    else:
-        training = [_label(n) for g in iter_graphs(model.graph) for n in _training_dropouts(g)]
     _refuse_random(model, what)
+    training = [_label(n) for g in iter_graphs(model.graph) for n in _training_dropouts(g)]
     if not training:
         return model, None
     deployed = copy_model(model)
@@ -47,7 +43,8 @@ def as_deployed(model: onnx.ModelProto, what: str = "the input model") -> tuple[
 
 
 def _training_dropouts(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Dropouts of this graph whose training_mode is a constant true (an initializer or a Constant node)."""
+    """Dropouts of this graph whose training_mode (input 2, opset >= 12) is a constant true (an initializer or a
+    Constant node)."""
     found = []
     made_by = producers(graph)
     inits = {t.name: t for t in graph.initializer}
